@@ -1,0 +1,56 @@
+"""Evaluation metrics: image metrics (PSNR, SSIM, LPIPS, FID) and geometry metrics (CD, P2S, NC, F-score, ICP)."""
+
+from gen3diffusion.eval.backbones import BackboneUnavailable, LoadedBackbone
+from gen3diffusion.eval.geometry import (
+    GeometryMetricConfig,
+    GeometryMetrics,
+    ICPResult,
+    SimilarityTransform,
+    chamfer_distance,
+    evaluate_meshes,
+    fscore,
+    icp,
+    normal_consistency,
+    normalization_transform,
+    point_to_surface_distance,
+    sample_surface,
+    umeyama,
+)
+from gen3diffusion.eval.image_metrics import (
+    SSIM_VARIANTS,
+    FrechetDistance,
+    LPIPSMetric,
+    MetricUnavailable,
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_of_features,
+    psnr,
+    ssim,
+)
+
+__all__ = [
+    "BackboneUnavailable",
+    "FrechetDistance",
+    "GeometryMetricConfig",
+    "GeometryMetrics",
+    "ICPResult",
+    "LPIPSMetric",
+    "LoadedBackbone",
+    "MetricUnavailable",
+    "SSIM_VARIANTS",
+    "SimilarityTransform",
+    "chamfer_distance",
+    "evaluate_meshes",
+    "feature_statistics",
+    "frechet_distance",
+    "frechet_distance_of_features",
+    "fscore",
+    "icp",
+    "normal_consistency",
+    "normalization_transform",
+    "point_to_surface_distance",
+    "psnr",
+    "sample_surface",
+    "ssim",
+    "umeyama",
+]

@@ -1,0 +1,33 @@
+"""Shared pytest setup: GPU tests skip without CUDA, and nothing may reach the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Any hub access in a test is a bug: make huggingface_hub fail fast instead of trying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run `pytest -m gpu` on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def reference_dir() -> Path | None:
+    """The shared reference folder (key manifests, camera rig), or None where this checkout has none."""
+    candidates = [os.environ.get("GEN3D_REFERENCE_DIR"), REPO.parent / "shared" / "reference", REPO / "shared" / "reference"]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c)
+    return None
