@@ -1,0 +1,112 @@
+"""Renderer speed: 65,536 random Gaussians (the size of one Gen-3Diffusion output) into 4 orbit views.
+
+    python bench/bench_render.py --device cuda            # gsplat, 512x512, forward and forward+backward
+    python bench/bench_render.py --device cpu             # torch backend, 256x256
+    python bench/bench_render.py --device cuda --backend torch
+
+Prints one Markdown table row per run (median over ``--repeats`` timed runs after ``--warmup`` untimed ones) for
+docs/benchmarks.md. The scene: means uniform in [-0.5, 0.5]^3, scales 0.005-0.03, random rotations, opacities and
+colours, cameras at radius 1.5, fovy 49.1, white background.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import torch
+
+from gen3diffusion.cameras import Cameras, orbit_camera
+from gen3diffusion.config import RenderConfig
+from gen3diffusion.gaussians import Gaussians
+from gen3diffusion.render import rasterize
+
+
+def random_scene(n: int, device: torch.device, seed: int = 0) -> Gaussians:
+    gen = torch.Generator().manual_seed(seed)
+    g = Gaussians(
+        means=torch.rand(1, n, 3, generator=gen) - 0.5,
+        scales=0.005 + 0.025 * torch.rand(1, n, 3, generator=gen),
+        rotations=torch.nn.functional.normalize(torch.randn(1, n, 4, generator=gen), dim=-1),
+        opacities=torch.rand(1, n, generator=gen),
+        colors=torch.rand(1, n, 3, generator=gen),
+    )
+    return g.to(device)
+
+
+def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", choices=["auto", "gsplat", "torch"], default="auto")
+    parser.add_argument("--num-gaussians", type=int, default=65536)
+    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--size", type=int, default=None, help="image side; default 512 on cuda, 256 on cpu")
+    parser.add_argument("--warmup", type=int, default=None, help="default 3 on cuda, 1 on cpu")
+    parser.add_argument("--repeats", type=int, default=None, help="default 20 on cuda, 3 on cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    size = args.size or (512 if cuda else 256)
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    repeats = args.repeats or (20 if cuda else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backend = args.backend if args.backend != "auto" else ("gsplat" if cuda else "torch")
+
+    g = random_scene(args.num_gaussians, device)
+    params = [g.means, g.scales, g.rotations, g.opacities, g.colors]
+    azimuths = torch.arange(args.views, dtype=torch.float32) * (360.0 / args.views)
+    cams = Cameras.from_fovy(orbit_camera(torch.zeros(args.views), azimuths, 1.5), 49.1, size).to(device)
+    cfg = RenderConfig(backend=backend)
+
+    def forward() -> None:
+        with torch.no_grad():
+            rasterize(g, cams, cfg=cfg)
+
+    def forward_backward() -> None:
+        for p in params:
+            p.requires_grad_(True)
+        out = rasterize(g, cams, cfg=cfg)
+        loss = out.rgb.mean() + out.alpha.mean() + out.depth.mean() + out.distortion.mean()
+        torch.autograd.grad(loss, params)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    fwd = timed(forward, device, warmup, repeats)
+    fwd_bwd = timed(forward_backward, device, warmup, repeats)
+    if cuda:
+        memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB GPU peak"
+        name = torch.cuda.get_device_name(device)
+    else:
+        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS peak"
+        name = f"CPU, {torch.get_num_threads()} threads"
+    print("| device | backend | Gaussians | views | size | forward (ms) | forward+backward (ms) | memory |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {name} | {backend} | {args.num_gaussians:,} | {args.views} | {size}x{size} | {fwd:.1f} | {fwd_bwd:.1f} "
+        f"| {memory} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
