@@ -3,14 +3,12 @@ and the classifier-free-guidance layout. Tiny random VAE / CLIP / text encoder b
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from gen3diffusion.models.conditioning import (
     CLIP_MEAN,
@@ -29,9 +27,7 @@ from gen3diffusion.models.conditioning import (
     vae_encode,
 )
 from test_mv_unet import FRAMES, tiny_model
-
-TINY_WIDTH = 32  # text/CLIP widths match configs/tiny.yaml mv_unet context_dim and ip_in_dim
-
+from tiny_weights import TINY_WIDTH, tiny_image_encoder, tiny_vae, write_tiny_text_parts
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -40,58 +36,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-### tiny parts (also used by test_loading.py)
-
-
-def tiny_vae() -> AutoencoderKL:
-    """Four levels like SD's VAE (so 32 px -> 4 x 4 latents, factor 8), 8 channels each."""
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=4,
-        sample_size=32,
-        scaling_factor=0.18215,
-    ).eval()
-
-
-def tiny_image_encoder(layers: int = 2) -> CLIPVisionModel:
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(
-        hidden_size=TINY_WIDTH, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
-        image_size=28, patch_size=14, projection_dim=16,
-    )
-    return CLIPVisionModel(config).eval()
-
-
-def _byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins of byte-level BPE (as GPT-2 / CLIP map bytes to characters)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    moved = [b for b in range(256) if b not in keep]
-    return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(moved))]
-
-
-def write_tiny_text_parts(folder: Path) -> None:
-    """``folder/tokenizer`` (a CLIP BPE tokenizer over single bytes, no merges) and ``folder/text_encoder``."""
-    chars = _byte_alphabet()
-    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    (folder / "tokenizer").mkdir(parents=True)
-    vocab_file, merges_file = folder / "tokenizer" / "vocab.json", folder / "tokenizer" / "merges.txt"
-    vocab_file.write_text(json.dumps(vocab))
-    merges_file.write_text("#version: 0.2\n")
-    CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77).save_pretrained(folder / "tokenizer")
-    torch.manual_seed(0)
-    config = CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=TINY_WIDTH, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
-        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
-    )
-    CLIPTextModel(config).save_pretrained(folder / "text_encoder")
 
 
 ### prompts

@@ -13,7 +13,6 @@ import torch
 from diffusers import DDIMScheduler
 from safetensors.torch import save_file
 from torch import nn
-from transformers import CLIPImageProcessor
 
 from gen3diffusion.models.conditioning import (
     PromptConfig,
@@ -35,7 +34,7 @@ from gen3diffusion.models.loading import (
     resolve_source,
 )
 from gen3diffusion.models.mv_unet import MultiViewUNet, load_mv_unet
-from test_conditioning import tiny_image_encoder, tiny_vae, write_tiny_text_parts
+from tiny_weights import write_port_folder
 from test_mv_unet import FRAMES, make_inputs, randomize, tiny_config, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,24 +65,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def write_port_folder(root: Path, unet: MultiViewUNet) -> Path:
-    """A folder in the ImageDream diffusers-port layout made of tiny random parts."""
-    unet.save_pretrained(root / "unet")
-    tiny_vae().save_pretrained(root / "vae")
-    tiny_image_encoder().save_pretrained(root / "image_encoder")
-    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(
-        root / "feature_extractor"
-    )
-    write_tiny_text_parts(root)
-    DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False,
-        set_alpha_to_one=False,
-    ).save_pretrained(root / "scheduler")
-    index = {"_class_name": "ImageDreamPipeline", "unet": ["mv_unet", "MultiViewUNetModel"]}
-    (root / "model_index.json").write_text(json.dumps(index))
-    return root
 
 
 def outputs(model: MultiViewUNet) -> torch.Tensor:

@@ -1,0 +1,231 @@
+"""Gen3DiffusionPipeline: image -> 3D Gaussians (+ the generated views), with the weights loaded from a folder or hub.
+
+Two weight layouts load:
+
+* **This project's** (what ``scripts/train.py`` exports and :meth:`Gen3DiffusionPipeline.save_pretrained` writes)::
+
+      mv_unet/  model_3d/  vae/  image_encoder/  scheduler/  prompt_embeds.safetensors  gen3d.yaml
+
+* **The authors' release**: ``model.safetensors`` (MV UNet) and ``model_1.safetensors`` (3D model), on top of the
+  ImageDream diffusers folder (``unet/ vae/ image_encoder/ text_encoder/ tokenizer/ scheduler/``), either in the same
+  folder or given as ``base`` (default: the hub id ``ashawkey/imagedream-ipmv-diffusers``). The text encoder runs
+  once to embed the two constant prompts; the embeddings are cached next to the weights when that folder is
+  writable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from .cameras import mvd_camera_vectors
+from .config import CameraConfig, RenderConfig, SamplerConfig, SchedulerConfig, to_dict
+from .diffusion.sampler import Conditioning, JointSampler, StepOutput, build_scheduler
+from .gaussians import Gaussians
+from .models.conditioning import (
+    PromptConfig,
+    build_conditioning,
+    clip_image_hidden,
+    load_image_encoder,
+    load_prompt_embeddings,
+    load_vae,
+)
+from .models.gaussian_unet import GaussianDiffusionModel, load_gaussian_model
+from .models.loading import resolve_source
+from .models.mv_unet import MultiViewUNet, load_mv_unet
+
+logger = logging.getLogger(__name__)
+
+IMAGEDREAM_BASE = "ashawkey/imagedream-ipmv-diffusers"
+# the small demo model trained by this project (configs/demo*.yaml, docs/reproduction.md)
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "demo"
+PROJECT_FILES = ("mv_unet/config.json", "model_3d/config.json", "vae/config.json", "image_encoder/config.json",
+                 "scheduler/scheduler_config.json", "prompt_embeds.safetensors")
+OFFICIAL_BASE_FILES = ("unet/config.json", "vae/config.json", "image_encoder/config.json", "scheduler/scheduler_config.json")
+BORDER_RATIO = {"objects": 0.45, "avatars": 0.227}
+
+
+@dataclass
+class PipelineConfig:
+    """What a weights folder says about how its models were trained (saved as ``gen3d.yaml``)."""
+
+    cameras: CameraConfig = field(default_factory=CameraConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+
+
+@dataclass
+class Gen3DOutput:
+    gaussians: Gaussians  # B samples of V * S * S Gaussians
+    views: Tensor  # [B, V, 3, H, W] final multi-view images in [0, 1]
+    images: Tensor  # [B, 3, H, W] the preprocessed inputs in [0, 1]
+
+
+class Gen3DiffusionPipeline:
+    """Wires the models of Gen-3Diffusion; see :class:`~gen3diffusion.diffusion.sampler.JointSampler` for Algorithm 2."""
+
+    def __init__(
+        self,
+        mv_unet: MultiViewUNet,
+        vae: torch.nn.Module,
+        image_encoder: torch.nn.Module,
+        model_3d: GaussianDiffusionModel,
+        prompt_embeds: Tensor,  # [2, 77, C] (negative, positive)
+        scheduler_cfg: SchedulerConfig | None = None,
+        cfg: PipelineConfig | None = None,
+    ) -> None:
+        self.mv_unet, self.vae, self.image_encoder, self.model_3d = mv_unet, vae, image_encoder, model_3d
+        self.prompt_embeds = prompt_embeds
+        self.scheduler_cfg = scheduler_cfg or SchedulerConfig()
+        self.cfg = cfg or OmegaConf.structured(PipelineConfig)
+        self.progress = True
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.mv_unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.mv_unet.parameters()).dtype
+
+    @property
+    def image_size(self) -> int:
+        """Input and view resolution: the MV UNet's latent size times the VAE's downsampling factor (256 = 32 x 8)."""
+        return self.mv_unet.config.image_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # --- loading and saving --------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | Path,
+        base: str | Path | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        model_3d_config: dict | None = None,
+    ) -> "Gen3DiffusionPipeline":
+        """Load from this project's folder layout or the authors' release (see the module docstring).
+
+        ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA and float32 on CPU.
+        ``model_3d_config``: constructor arguments of the 3D model for the authors' layout, which stores none
+        (default: the official size).
+        """
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if Path(source) == DEFAULT_WEIGHTS and not DEFAULT_WEIGHTS.is_dir():
+            raise FileNotFoundError(f"{DEFAULT_WEIGHTS}: the bundled demo weights are missing; pass a weights folder "
+                                    "or hub id (e.g. --weights yuxuanx/gen3diffusion with the authors' release)")
+        root = resolve_source(source)
+        if root.is_file():
+            raise FileNotFoundError(f"{root}: is a file; pass the folder that holds the weights")
+        if (root / "mv_unet").is_dir() or (root / "model_3d").is_dir():
+            return cls._load_project(root, device, dtype)
+        if (root / "model.safetensors").is_file() or (root / "model_1.safetensors").is_file():
+            return cls._load_official(root, base, device, dtype, model_3d_config or {})
+        raise FileNotFoundError(
+            f"{root}: not a gen3diffusion weights folder: expected {', '.join(PROJECT_FILES)} "
+            "(this project's layout) or model.safetensors + model_1.safetensors (the authors' release)"
+        )
+
+    @classmethod
+    def _load_project(cls, root: Path, device: torch.device, dtype: torch.dtype) -> "Gen3DiffusionPipeline":
+        _require_files(root, PROJECT_FILES, "this project's weights layout")
+        cfg = OmegaConf.merge(OmegaConf.structured(PipelineConfig), OmegaConf.load(root / "gen3d.yaml")) \
+            if (root / "gen3d.yaml").is_file() else OmegaConf.structured(PipelineConfig)
+        mv_unet = load_mv_unet(root, subfolder="mv_unet", torch_dtype=dtype, device=device)
+        model_3d = GaussianDiffusionModel.from_pretrained(root / "model_3d", torch_dtype=dtype).to(device).eval()
+        vae = load_vae(root, torch_dtype=dtype, device=device)
+        image_encoder = load_image_encoder(root, torch_dtype=dtype, device=device)
+        prompts = load_prompt_embeddings(cfg.prompts, cache=root / "prompt_embeds.safetensors", device=device)
+        scheduler_cfg = _scheduler_config(root / "scheduler")
+        return cls(mv_unet, vae, image_encoder, model_3d, prompts, scheduler_cfg, cfg)
+
+    @classmethod
+    def _load_official(
+        cls, root: Path, base: str | Path | None, device: torch.device, dtype: torch.dtype, model_3d_config: dict
+    ) -> "Gen3DiffusionPipeline":
+        _require_files(root, ("model.safetensors", "model_1.safetensors"), "the authors' release")
+        base_root = root if (root / "unet").is_dir() else resolve_source(base or IMAGEDREAM_BASE)
+        _require_files(base_root, OFFICIAL_BASE_FILES, "the ImageDream diffusers folder")
+        cfg = OmegaConf.structured(PipelineConfig)
+        mv_unet = load_mv_unet(base_root, weights=root / "model.safetensors", torch_dtype=dtype, device=device)
+        model_3d = load_gaussian_model(root / "model_1.safetensors", model_3d_config, torch_dtype=dtype, device=device)
+        vae = load_vae(base_root, torch_dtype=dtype, device=device)
+        image_encoder = load_image_encoder(base_root, torch_dtype=dtype, device=device)
+        cache = root / "prompt_embeds.safetensors" if os.access(root, os.W_OK) else None
+        prompts = load_prompt_embeddings(cfg.prompts, cache=cache, source=base_root, device=device)
+        scheduler_cfg = _scheduler_config(base_root / "scheduler")
+        return cls(mv_unet, vae, image_encoder, model_3d, prompts, scheduler_cfg, cfg)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write this project's layout (loadable by :meth:`from_pretrained` and ``scripts/sample.py --weights``)."""
+        from .models.conditioning import save_prompt_embeddings
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.mv_unet.save_pretrained(folder / "mv_unet")
+        self.model_3d.save_pretrained(folder / "model_3d")
+        self.vae.save_pretrained(folder / "vae")
+        self.image_encoder.save_pretrained(folder / "image_encoder")
+        build_scheduler(self.scheduler_cfg).save_pretrained(folder / "scheduler")
+        save_prompt_embeddings(folder / "prompt_embeds.safetensors", self.prompt_embeds, self.cfg.prompts)
+        OmegaConf.save(self.cfg, folder / "gen3d.yaml")
+        return folder
+
+    # --- sampling -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        images: Tensor,  # [B, 3, H, W] preprocessed inputs in [0, 1] on white
+        seed: int = 0,
+        sampler_cfg: SamplerConfig | None = None,
+        callback: Callable[[int, int, StepOutput], None] | None = None,
+    ) -> Gen3DOutput:
+        """Generate Gaussians for each input image. Every image uses its own generator seeded with ``seed``, so a
+        result does not depend on the other images in the batch."""
+        # 1. check inputs
+        size = self.image_size
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(f"images: expected [B, 3, {size}, {size}] in [0, 1], got {tuple(images.shape)}")
+        images = images.to(self.device, torch.float32)
+        B = images.shape[0]
+        generators = [torch.Generator(self.device).manual_seed(seed) for _ in range(B)]
+        sampler = JointSampler(
+            self.mv_unet, self.vae, self.model_3d, build_scheduler(self.scheduler_cfg), sampler_cfg,
+            self.cfg.cameras, self.cfg.render, mvd_camera_vectors().to(self.device),
+        )
+        sampler.progress = self.progress
+        # 2. encode the input: CLIP tokens and the clean input latent
+        clip_hidden = clip_image_hidden(self.image_encoder, (images * 2 - 1).to(self.dtype))  # [B, 257, 1280]
+        image_latent = sampler.encode(images[:, None], generators)[:, 0]  # [B, 4, h, w]
+        # 3. lay out the UNet's conditioning once (Resampler, prompts, cameras, CFG halves)
+        mv_cond = build_conditioning(
+            self.mv_unet, self.prompt_embeds.to(self.dtype), clip_hidden, image_latent.to(self.dtype),
+            sampler.mvd_cameras.to(self.dtype), guidance=True,
+        )
+        # 4. Algorithm 2
+        out = sampler(Conditioning(images, mv_cond), generators, callback)
+        return Gen3DOutput(out.gaussians, out.views, images)
+
+
+def _require_files(root: Path, files: Sequence[str], what: str) -> None:
+    missing = [f for f in files if not (root / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{root}: incomplete weights folder ({what}): missing {', '.join(missing)}")
+
+
+def _scheduler_config(folder: Path) -> SchedulerConfig:
+    """Our SchedulerConfig from a diffusers ``scheduler_config.json`` (unknown keys ignored, missing ones default)."""
+    import json
+
+    saved = json.loads((folder / "scheduler_config.json").read_text())
+    known = to_dict(SchedulerConfig())
+    return OmegaConf.merge(OmegaConf.structured(SchedulerConfig), {k: v for k, v in saved.items() if k in known})

@@ -1,0 +1,119 @@
+"""The pipeline end to end on tiny random models in the authors' layout and in ours: shapes, determinism, batch
+independence, and that Algorithm 2 really moves each DDIM update toward the re-encoded render (or, without
+refinement, toward the MVD's own estimate)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gen3diffusion.config import SamplerConfig
+from gen3diffusion.pipeline import Gen3DiffusionPipeline
+from tiny_weights import TINY_IMAGE_SIZE, official_pipeline_kwargs, write_official_folder
+
+V = 4
+STEPS = 2
+GAUSSIANS = V * 16 * 16  # tiny 3D model: 32 px views -> 16 x 16 splats per view
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; on a busy CPU OpenMP spinning makes them much slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def official_dir(tmp_path_factory):
+    return write_official_folder(tmp_path_factory.mktemp("official"))
+
+
+@pytest.fixture(scope="module")
+def pipe(official_dir):
+    p = Gen3DiffusionPipeline.from_pretrained(official_dir, device="cpu", **official_pipeline_kwargs())
+    p.progress = False
+    return p
+
+
+def images(b: int = 1, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=g)
+
+
+def sampler_cfg(**kw) -> SamplerConfig:
+    return SamplerConfig(**{"num_steps": STEPS, "render_size": TINY_IMAGE_SIZE, **kw})
+
+
+def test_output_shapes_and_ranges(pipe):
+    out = pipe(images(), seed=0, sampler_cfg=sampler_cfg())
+    g = out.gaussians
+    assert pipe.image_size == TINY_IMAGE_SIZE
+    assert g.means.shape == (1, GAUSSIANS, 3) and g.opacities.shape == (1, GAUSSIANS)
+    assert out.views.shape == (1, V, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    assert 0 <= out.views.min() and out.views.max() <= 1
+    assert g.means.abs().max() <= 1 and (g.scales > 0).all()
+    assert torch.isfinite(g.colors).all()
+
+
+def test_seeded_runs_are_identical_and_seeds_differ(pipe):
+    x = images()
+    a = pipe(x, seed=3, sampler_cfg=sampler_cfg())
+    b = pipe(x, seed=3, sampler_cfg=sampler_cfg())
+    c = pipe(x, seed=4, sampler_cfg=sampler_cfg())
+    assert torch.equal(a.gaussians.means, b.gaussians.means) and torch.equal(a.views, b.views)
+    assert not torch.allclose(a.gaussians.means, c.gaussians.means)
+
+
+def test_batch_of_two_equals_two_single_runs(pipe):
+    x = images(2)
+    both = pipe(x, seed=1, sampler_cfg=sampler_cfg())
+    for i in range(2):
+        single = pipe(x[i:i + 1], seed=1, sampler_cfg=sampler_cfg())
+        # float32 on CPU; batched convolutions may sum in another order
+        torch.testing.assert_close(both.gaussians.means[i], single.gaussians.means[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(both.views[i], single.views[0], rtol=1e-4, atol=1e-5)
+
+
+def test_refinement_moves_each_update_to_the_encoded_render(pipe):
+    seen = []
+    pipe(images(), seed=0, sampler_cfg=sampler_cfg(refine=True), callback=lambda i, t, out: seen.append(out))
+    assert len(seen) == STEPS
+    for out in seen:
+        assert out.x0_3d is not None and out.gaussians is not None
+        torch.testing.assert_close(out.x0_used[:, :V], out.x0_3d, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(out.x0_used[:, :V], out.x0_2d, atol=1e-3)  # the MVD's own x0 was replaced
+
+
+def test_without_refinement_each_update_uses_the_mvd_estimate(pipe):
+    seen = []
+    pipe(images(), seed=0, sampler_cfg=sampler_cfg(refine=False), callback=lambda i, t, out: seen.append(out))
+    for out in seen:
+        assert out.x0_3d is None and out.gaussians is None
+        torch.testing.assert_close(out.x0_used[:, :V], out.x0_2d, rtol=1e-4, atol=1e-4)
+
+
+def test_project_layout_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "ours")
+    again = Gen3DiffusionPipeline.from_pretrained(tmp_path / "ours", device="cpu")
+    again.progress = False
+    a = pipe(images(), seed=2, sampler_cfg=sampler_cfg())
+    b = again(images(), seed=2, sampler_cfg=sampler_cfg())
+    torch.testing.assert_close(a.gaussians.means, b.gaussians.means, rtol=0, atol=0)
+
+
+def test_incomplete_folders_list_what_is_missing(official_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a gen3diffusion weights folder"):
+        Gen3DiffusionPipeline.from_pretrained(tmp_path, device="cpu")
+    (tmp_path / "model.safetensors").write_bytes((official_dir / "model.safetensors").read_bytes())
+    with pytest.raises(FileNotFoundError, match="missing model_1.safetensors"):
+        Gen3DiffusionPipeline.from_pretrained(tmp_path, device="cpu")
+    (tmp_path / "mv_unet").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"missing mv_unet/config.json, model_3d/config.json, vae/config.json"):
+        Gen3DiffusionPipeline.from_pretrained(tmp_path, device="cpu")
+
+
+def test_wrong_image_size_is_rejected(pipe):
+    with pytest.raises(ValueError, match=r"expected \[B, 3, 32, 32\]"):
+        pipe(torch.rand(1, 3, 64, 64), sampler_cfg=sampler_cfg())
