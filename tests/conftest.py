@@ -31,3 +31,13 @@ def reference_dir() -> Path | None:
         if c and Path(c).is_dir():
             return Path(c)
     return None
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tests use one CPU thread: the models are tiny, and on a busy machine OpenMP spinning between threads made
+    them up to 100x slower. Results do not depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,13 +29,6 @@ from gen3diffusion.models.conditioning import (
 from test_mv_unet import FRAMES, tiny_model
 from tiny_weights import TINY_WIDTH, tiny_image_encoder, tiny_vae, write_tiny_text_parts
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared, busy CPU OpenMP spinning makes them 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 ### prompts

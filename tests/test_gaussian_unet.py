@@ -33,13 +33,6 @@ FOVY = 49.1
 LGM_CHANNELS = [0, 1, 2, 6, 7, 8, 9, 10, 11]  # the 12-channel input without the x_t slot = LGM's 9 channels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: these ops are tiny, and on a shared CPU extra threads mostly wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_kwargs(**overrides) -> dict:

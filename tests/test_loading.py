@@ -58,13 +58,6 @@ PORT_UNET_CONFIG = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared, busy CPU OpenMP spinning makes them 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def outputs(model: MultiViewUNet) -> torch.Tensor:

@@ -22,13 +22,6 @@ from gen3diffusion.render import RenderOutput
 B, V, H = 1, 2, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: these ops are tiny, and on a shared CPU extra threads mostly wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

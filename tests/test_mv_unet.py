@@ -23,30 +23,17 @@ from gen3diffusion.models.mv_unet import (
     timestep_embedding,
 )
 
+from tiny_weights import randomize
+
 FRAMES = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared, busy CPU OpenMP spinning makes them 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(**overrides) -> dict:
     cfg = OmegaConf.merge(OmegaConf.structured(MVUNetConfig), OmegaConf.load(resolve_preset("tiny")).mv_unet)
     return {**to_dict(cfg), **overrides}
 
-
-def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
-    """Random weights everywhere, including the zero-initialised output layers (else whole branches vanish)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return model.eval()
 
 
 def tiny_model(seed: int = 0, **overrides) -> MultiViewUNet:

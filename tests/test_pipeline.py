@@ -16,13 +16,6 @@ STEPS = 2
 GAUSSIANS = V * 16 * 16  # tiny 3D model: 32 px views -> 16 x 16 splats per view
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy CPU OpenMP spinning makes them much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

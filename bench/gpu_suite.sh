@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Everything this project measures on the GPU machine, in one command (see ../shared/device/README.md):
+#   source .device/env.sh && bash bench/gpu_suite.sh
+# Logs go to $OUT (or ./gpu_out).
+set -u
+out="${OUT:-gpu_out}"
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
+python -m pytest -m gpu -q -rs 2>&1 | tail -40 > "$out/gpu_tests.log"
+python -m gen3diffusion.selfcheck --output "$out/selfcheck.png" > "$out/selfcheck.log" 2>&1
+python bench/bench_render.py --device cuda > "$out/bench_render.log" 2>&1
+python bench/bench_sample.py --dtype bf16 fp32 --batch-sizes 1 --json "$out/bench_sample.json" > "$out/bench_sample.log" 2>&1
+python bench/bench_sample.py --dtype bf16 --batch-sizes 4 --iters 1 >> "$out/bench_sample.log" 2>&1
+tail -3 "$out"/*.log
