@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", choices=sorted(BORDER_RATIO), default="objects",
                    help="sets the input recentring border ratio (objects 0.45, avatars 0.227)")
     p.add_argument("--border-ratio", type=float, default=None, help="override the task's border ratio")
+    p.add_argument("--no-recenter", action="store_true",
+                   help="keep the input's framing (for renders already framed like the training data)")
     p.add_argument("--steps", type=int, default=SamplerConfig.num_steps, help="DDIM steps")
     p.add_argument("--guidance-scale", type=float, default=SamplerConfig.guidance_scale)
     p.add_argument("--eta", type=float, default=SamplerConfig.eta, help="DDIM eta (0 = deterministic)")
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs: list[tuple[Path, torch.Tensor]] = []
     for path in paths:
         try:
-            inputs.append((path, preprocess_image(load_image(path), border, size, name=str(path))))
+            inputs.append((path, preprocess_image(load_image(path), border, size, not args.no_recenter, name=str(path))))
         except ImageError as err:
             logger.error("%s", err)
             failures += 1

@@ -61,6 +61,8 @@ class WeightsConfig:
     model_3d: str | None = None
     # cache file of the prompt embeddings (read if it holds the configured prompts, else written from imagedream)
     prompt_cache: str | None = None
+    # a folder holding vae/ (e.g. the output of scripts/train_vae.py), used when imagedream gives none
+    vae: str | None = None
 
 
 @dataclass
@@ -192,8 +194,8 @@ def _load_models(cfg: DictConfig) -> tuple[nn.Module, nn.Module, nn.Module, nn.M
         vae, image_encoder = load_vae(w.imagedream), load_image_encoder(w.imagedream)
     else:
         mv_unet = MultiViewUNet(**to_dict(cfg.mv_unet))
-        vae, image_encoder = _random_vae(cfg.vae), _random_image_encoder(cfg.image_encoder)
-        random_parts += ["mv_unet", "vae", "image_encoder"]
+        vae, image_encoder = load_vae(w.vae) if w.vae else _random_vae(cfg.vae), _random_image_encoder(cfg.image_encoder)
+        random_parts += ["mv_unet", "image_encoder"] + ([] if w.vae else ["vae"])
     model_3d = GaussianDiffusionModel(**to_dict(cfg.gaussian_unet))
     if w.model_3d:
         load_official_weights(model_3d, w.model_3d)
