@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import reference_dir
 from gen3diffusion.cameras import (
     Cameras,
     blender_to_opengl,
@@ -38,20 +38,12 @@ BLENDER_TO_GL = torch.tensor(
 BATCH_SHAPES = [(), (2,), (1, 2)]
 
 
-def _reference_dir() -> Path | None:
-    """GEN3D_REFERENCE_DIR, else shared/reference beside the repo root, else inside it."""
-    env = os.environ.get("GEN3D_REFERENCE_DIR")
-    candidates = [Path(env)] if env else [REPO.parent / "shared" / "reference", REPO / "shared" / "reference"]
-    for folder in candidates:
-        if (folder / "official_cameras.json").is_file():
-            return folder
-    return None
 
 
 @pytest.fixture(scope="module")
 def official() -> dict:
-    folder = _reference_dir()
-    if folder is None:
+    folder = reference_dir()
+    if folder is None or not (folder / "official_cameras.json").is_file():
         pytest.skip(
             "official_cameras.json not found: set GEN3D_REFERENCE_DIR or place it in ../shared/reference "
             "or shared/reference beside the repo"

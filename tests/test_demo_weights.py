@@ -4,7 +4,6 @@ ground-truth views far better than random weights do."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -25,17 +24,13 @@ from gen3diffusion.render import rasterize
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 from make_examples import render_example  # noqa: E402
+from tiny_weights import load_script  # noqa: E402
 
 # trained demo: 15.5-17 dB on examples 0-3; random weights: 9.8-11.3 dB; an all-white image: ~10 dB
 PSNR_THRESHOLD = 14.0
 EXAMPLE = 3
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,7 +60,7 @@ def test_bundled_weights_load_strictly_into_the_demo_config():
 
 @pytest.mark.slow
 def test_sample_script_with_bundled_weights_beats_random_weights(tmp_path):
-    sample = _load_script("sample")
+    sample = load_script("sample")
     image = REPO / "examples" / f"synthetic_{EXAMPLE}.png"
     assert sample.main(["--image", str(image), "--output", str(tmp_path), "--no-recenter", "--no-mesh",
                         "--no-video", "--quiet"]) == 0

@@ -5,7 +5,6 @@ rasteriser matches closed forms (silhouette areas, depths, texture orientation, 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import logging
 import math
@@ -24,8 +23,7 @@ from gen3diffusion.data.synthetic import write_synthetic_dataset
 from gen3diffusion.eval.backbones import LoadedBackbone
 from gen3diffusion.eval.image_metrics import FrechetDistance, LPIPSMetric, frechet_distance_of_features, psnr
 from gen3diffusion.eval.runner import RenderMesh, discover_objects, load_mesh, match_ring, render_mesh
-from gen3diffusion.pipeline import Gen3DiffusionPipeline
-from tiny_weights import TINY_IMAGE_SIZE, official_pipeline_kwargs, write_official_folder
+from tiny_weights import TINY_IMAGE_SIZE, load_script, use_tiny_3d_config, write_official_folder
 
 REPO = Path(__file__).resolve().parent.parent
 RING = 8
@@ -33,14 +31,9 @@ FOVY = 49.1
 TEXTURE = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [255, 255, 0]]], dtype=np.uint8)  # 2 x 2 texels
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("eval_gso_script", REPO / "scripts" / "eval_gso.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-eval_gso = _load_script()
+eval_gso = load_script("eval_gso")
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +44,7 @@ def weights(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def tiny_3d_config(monkeypatch):
     """The authors' layout stores no 3D-model config; the script loads the official size, so point it at tiny."""
-    real = Gen3DiffusionPipeline.from_pretrained.__func__
-
-    def from_pretrained(cls, source, **kw):
-        return real(cls, source, **{**official_pipeline_kwargs(), **kw})
-
-    monkeypatch.setattr(Gen3DiffusionPipeline, "from_pretrained", classmethod(from_pretrained))
+    use_tiny_3d_config(monkeypatch)
 
 
 @pytest.fixture(autouse=True)

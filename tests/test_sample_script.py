@@ -3,7 +3,6 @@ readable, and each kind of bad input gets a one-line error while the other image
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -12,21 +11,15 @@ import pytest
 from PIL import Image
 
 from gen3diffusion.gaussians import load_ply
-from gen3diffusion.pipeline import Gen3DiffusionPipeline
-from tiny_weights import official_pipeline_kwargs, write_official_folder
+from tiny_weights import load_script, use_tiny_3d_config, write_official_folder
 
 REPO = Path(__file__).resolve().parent.parent
 FRAMES = 6
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("sample_script", REPO / "scripts" / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-sample = _load_script()
+sample = load_script("sample")
 
 
 
@@ -39,12 +32,7 @@ def weights(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def tiny_3d_config(monkeypatch):
     """The authors' layout stores no 3D-model config; the script loads the official size, so point it at tiny."""
-    real = Gen3DiffusionPipeline.from_pretrained.__func__
-
-    def from_pretrained(cls, source, **kw):
-        return real(cls, source, **{**official_pipeline_kwargs(), **kw})
-
-    monkeypatch.setattr(Gen3DiffusionPipeline, "from_pretrained", classmethod(from_pretrained))
+    use_tiny_3d_config(monkeypatch)
 
 
 def write_object_png(path: Path, color=(200, 40, 30)) -> Path:

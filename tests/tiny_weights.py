@@ -122,3 +122,26 @@ def write_official_folder(root: Path, seed: int = 0) -> Path:
 def official_pipeline_kwargs() -> dict:
     """``Gen3DiffusionPipeline.from_pretrained`` arguments for a tiny official folder (it stores no 3D config)."""
     return dict(model_3d_config=tiny_section("gaussian_unet", GaussianUNetConfig))
+
+
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` as a module (the scripts folder is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def use_tiny_3d_config(monkeypatch) -> None:
+    """The authors' layout stores no 3D-model config and scripts load the official size: point them at tiny."""
+    from gen3diffusion.pipeline import Gen3DiffusionPipeline
+
+    real = Gen3DiffusionPipeline.from_pretrained.__func__
+
+    def from_pretrained(cls, source, **kw):
+        return real(cls, source, **{**official_pipeline_kwargs(), **kw})
+
+    monkeypatch.setattr(Gen3DiffusionPipeline, "from_pretrained", classmethod(from_pretrained))
