@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +29,6 @@ from gen3diffusion.cameras import (
     target_cameras,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 FOVY = 49.1
 BLENDER_TO_GL = torch.tensor(
     [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64

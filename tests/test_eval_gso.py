@@ -25,7 +25,6 @@ from gen3diffusion.eval.image_metrics import FrechetDistance, LPIPSMetric, frech
 from gen3diffusion.eval.runner import RenderMesh, discover_objects, load_mesh, match_ring, render_mesh
 from tiny_weights import TINY_IMAGE_SIZE, load_script, use_tiny_3d_config, write_official_folder
 
-REPO = Path(__file__).resolve().parent.parent
 RING = 8
 FOVY = 49.1
 TEXTURE = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [255, 255, 0]]], dtype=np.uint8)  # 2 x 2 texels

@@ -13,7 +13,6 @@ from PIL import Image
 from gen3diffusion.gaussians import load_ply
 from tiny_weights import load_script, use_tiny_3d_config, write_official_folder
 
-REPO = Path(__file__).resolve().parent.parent
 FRAMES = 6
 
 
