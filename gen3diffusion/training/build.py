@@ -182,8 +182,9 @@ def _load_models(cfg: DictConfig) -> tuple[nn.Module, nn.Module, nn.Module, nn.M
     torch.manual_seed(cfg.seed)  # random inits are reproducible
     if w.init_from:
         root = Path(w.init_from)
-        mv_unet = MultiViewUNet.from_pretrained(root / "mv_unet")
-        model_3d = GaussianDiffusionModel.from_pretrained(root / "model_3d")
+        # fp32 master weights, also from a folder stored in half precision (e.g. weights/demo)
+        mv_unet = MultiViewUNet.from_pretrained(root / "mv_unet").to(torch.float32)
+        model_3d = GaussianDiffusionModel.from_pretrained(root / "model_3d").to(torch.float32)
         vae, image_encoder = load_vae(root), load_image_encoder(root)
         prompt_embeds = read_prompt_embeddings(root / "prompt_embeds.safetensors", cfg.prompts)
         if prompt_embeds is None:
