@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
-from typing import Callable
 
 import torch
+from _timing import time_calls
 
 from gen3diffusion.cameras import Cameras, plucker_rays, target_cameras
 from gen3diffusion.config import GaussianUNetConfig, to_dict
@@ -50,22 +49,6 @@ def make_inputs(batch: int, views: int, size: int) -> dict[str, torch.Tensor]:
     }
 
 
-def time_calls(fn: Callable[[], None], warmup: int, iters: int) -> dict[str, float]:
-    """Median / min milliseconds per call and peak memory (GiB) over ``iters`` calls after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return {"ms_median": statistics.median(times), "ms_min": min(times),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
+from _timing import time_calls
 
 from gen3diffusion.config import MVUNetConfig, to_dict
 from gen3diffusion.models.mv_unet import MultiViewUNet
@@ -59,25 +58,6 @@ def make_inputs(model: MultiViewUNet, objects: int, frames: int, size: int) -> d
     )
 
 
-def time_calls(fn: Callable[[], torch.Tensor], warmup: int, iters: int) -> dict[str, float]:
-    """Median / min milliseconds per call and peak memory (GiB) over ``iters`` calls after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return {
-        "ms_median": statistics.median(times),
-        "ms_min": min(times),
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-    }
 
 
 def main(argv: list[str] | None = None) -> None:
