@@ -151,8 +151,6 @@ class SamplerConfig:
     render_size: int = 512
     # VAE-encode renders with a posterior sample, as the authors do (False: the posterior mean)
     sample_posterior: bool = True
-    # dtype of the networks: float32 | bfloat16 | float16
-    dtype: str = "float32"
 
 
 ### training

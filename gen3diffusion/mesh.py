@@ -16,7 +16,7 @@ import torch
 
 from .cameras import Cameras, opengl_to_opencv, orbit_camera
 from .gaussians import Gaussians
-from .render import rasterize
+from .render import rasterize_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,7 @@ def render_depth_views(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Colour [N, H, W, 3] uint8 and depth [N, H, W] float32 (0 = no surface) of one sample (B = 1)."""
     colors, depths = [], []
-    for i in range(0, cameras.c2w.shape[0], chunk):
-        sub = Cameras(cameras.c2w[i:i + chunk], cameras.K[i:i + chunk], cameras.width, cameras.height)
-        out = rasterize(gaussians, sub, background=(1.0, 1.0, 1.0))
+    for out in rasterize_chunks(gaussians, cameras, chunk, background=(1.0, 1.0, 1.0)):
         colors.append((out.rgb[0].clamp(0, 1) * 255 + 0.5).byte().permute(0, 2, 3, 1).cpu())
         depths.append(torch.where(out.alpha[0, :, 0] > alpha_threshold, out.depth[0, :, 0], 0.0).cpu())
     return torch.cat(colors).numpy(), torch.cat(depths).float().numpy()

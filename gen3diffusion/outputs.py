@@ -18,7 +18,7 @@ from PIL import Image
 from .cameras import Cameras, orbit_camera, target_cameras
 from .config import CameraConfig
 from .gaussians import Gaussians, save_ply
-from .render import rasterize
+from .render import rasterize, rasterize_chunks
 
 if TYPE_CHECKING:
     from .mesh import MeshConfig
@@ -78,11 +78,7 @@ def render_turntable(
     azimuth = torch.arange(num_frames, dtype=torch.float32) * (360.0 / num_frames)
     c2w = orbit_camera(torch.full_like(azimuth, elevation), azimuth, radius).to(gaussians.means.device)
     cams = Cameras.from_fovy(c2w, fovy, size, size)
-    frames = []
-    for i in range(0, num_frames, chunk):
-        sub = Cameras(cams.c2w[i:i + chunk], cams.K[i:i + chunk], size, size)
-        frames.append(to_uint8(rasterize(gaussians, sub, background=(1.0, 1.0, 1.0)).rgb[0]))
-    return np.concatenate(frames)
+    return np.concatenate([to_uint8(out.rgb[0]) for out in rasterize_chunks(gaussians, cams, chunk)])
 
 
 def save_video(frames: np.ndarray, path: str | Path, fps: int = 24) -> Path:

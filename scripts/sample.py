@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     size = pipe.image_size
     sampler_cfg = OmegaConf.structured(SamplerConfig(
         num_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta, refine=not args.no_refine,
-        render_size=args.render_size or 2 * size, dtype=str(pipe.dtype).removeprefix("torch."),
+        render_size=args.render_size or 2 * size,
     ))
     border = args.border_ratio if args.border_ratio is not None else BORDER_RATIO[args.task]
     failures = 0

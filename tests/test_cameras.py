@@ -36,8 +36,6 @@ BLENDER_TO_GL = torch.tensor(
 BATCH_SHAPES = [(), (2,), (1, 2)]
 
 
-
-
 @pytest.fixture(scope="module")
 def official() -> dict:
     folder = reference_dir()

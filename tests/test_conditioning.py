@@ -30,7 +30,6 @@ from test_mv_unet import FRAMES, tiny_model
 from tiny_weights import TINY_WIDTH, tiny_image_encoder, tiny_vae, write_tiny_text_parts
 
 
-
 ### prompts
 
 

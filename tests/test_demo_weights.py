@@ -31,8 +31,6 @@ PSNR_THRESHOLD = 14.0
 EXAMPLE = 3
 
 
-
-
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(-10 * torch.log10((a - b).square().mean()))
 

@@ -30,8 +30,6 @@ FOVY = 49.1
 TEXTURE = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [255, 255, 0]]], dtype=np.uint8)  # 2 x 2 texels
 
 
-
-
 eval_gso = load_script("eval_gso")
 
 

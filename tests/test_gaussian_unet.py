@@ -33,8 +33,6 @@ FOVY = 49.1
 LGM_CHANNELS = [0, 1, 2, 6, 7, 8, 9, 10, 11]  # the 12-channel input without the x_t slot = LGM's 9 channels
 
 
-
-
 def tiny_kwargs(**overrides) -> dict:
     section = OmegaConf.load(resolve_preset("tiny")).gaussian_unet
     return to_dict(OmegaConf.merge(OmegaConf.structured(GaussianUNetConfig), section, overrides))

@@ -58,8 +58,6 @@ PORT_UNET_CONFIG = {
 }
 
 
-
-
 def outputs(model: MultiViewUNet) -> torch.Tensor:
     with torch.no_grad():
         return model(**make_inputs(model.config, b=1))

@@ -22,8 +22,6 @@ from gen3diffusion.render import RenderOutput
 B, V, H = 1, 2, 16
 
 
-
-
 @pytest.fixture(scope="module")
 def random_lpips(tmp_path_factory):
     """LPIPS with a random VGG (an empty hub dir guarantees no cached VGG is picked up); any download fails."""

@@ -28,12 +28,9 @@ from tiny_weights import randomize
 FRAMES = 5
 
 
-
-
 def tiny_config(**overrides) -> dict:
     cfg = OmegaConf.merge(OmegaConf.structured(MVUNetConfig), OmegaConf.load(resolve_preset("tiny")).mv_unet)
     return {**to_dict(cfg), **overrides}
-
 
 
 def tiny_model(seed: int = 0, **overrides) -> MultiViewUNet:

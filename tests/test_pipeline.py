@@ -16,8 +16,6 @@ STEPS = 2
 GAUSSIANS = V * 16 * 16  # tiny 3D model: 32 px views -> 16 x 16 splats per view
 
 
-
-
 @pytest.fixture(scope="module")
 def official_dir(tmp_path_factory):
     return write_official_folder(tmp_path_factory.mktemp("official"))

@@ -16,11 +16,7 @@ from tiny_weights import load_script, use_tiny_3d_config, write_official_folder
 FRAMES = 6
 
 
-
-
 sample = load_script("sample")
-
-
 
 
 @pytest.fixture(scope="module")

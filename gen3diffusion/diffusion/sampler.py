@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..cameras import Cameras, mvd_camera_vectors, plucker_rays, target_cameras
 from ..config import CameraConfig, RenderConfig, SamplerConfig, SchedulerConfig, to_dict
 from ..gaussians import Gaussians
-from ..models.conditioning import MVConditioning, cfg_batch, combine_cfg, vae_decode
+from ..models.conditioning import MVConditioning, cfg_batch, combine_cfg, vae_decode, vae_encode
 from ..render import rasterize
 
 __all__ = [
@@ -130,7 +130,6 @@ class JointSampler:
         self.mvd_cameras = mvd_camera_vectors() if mvd_cameras is None else mvd_cameras
         self.num_frames = self.mvd_cameras.shape[0]  # F = V + 1
         self.num_views = self.num_frames - 1
-        self.latent_scale = float(vae.config.scaling_factor)
         self.progress = True
 
     @property
@@ -231,13 +230,12 @@ class JointSampler:
 
     def encode(self, images: Tensor, generators: list[torch.Generator]) -> Tensor:
         """[B, K, 3, H, W] images in [0, 1] -> latents; posterior sample drawn per sample from its generator."""
-        B, K = images.shape[:2]
-        dist = self.vae.encode((images.flatten(0, 1) * 2 - 1).to(self.vae.dtype)).latent_dist
-        z = dist.mean.float()
+        B, K, _, H, W = images.shape
+        noise = None
         if self.cfg.sample_posterior:
-            noise = self._noise(generators, (K, *z.shape[1:]), z.device).flatten(0, 1)
-            z = z + dist.std.float() * noise
-        return (z * self.latent_scale).unflatten(0, (B, K))
+            f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            noise = self._noise(generators, (K, self.vae.config.latent_channels, H // f, W // f), images.device)
+        return vae_encode(self.vae, images.float() * 2 - 1, sample=self.cfg.sample_posterior, noise=noise)
 
     def target_rays(self, H: int, W: int, device: torch.device) -> Tensor:
         """[1, V, 6, H, W] Plücker maps of the V target cameras at the image size."""

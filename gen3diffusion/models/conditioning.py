@@ -106,18 +106,28 @@ def load_vae(
 
 
 def vae_encode(
-    vae: AutoencoderKL, images: Tensor, generator: torch.Generator | None = None, sample: bool = True
+    vae: AutoencoderKL,
+    images: Tensor,
+    generator: torch.Generator | None = None,
+    sample: bool = True,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """Images [..., 3, H, W] in [-1, 1] -> scaled latents [..., 4, H/8, W/8] (posterior sample, or its mean).
 
     Leading dims are flattened into one VAE batch; ``generator`` (one for the whole batch) makes the sample
-    reproducible. The result has ``images``' dtype.
+    reproducible. ``noise`` (the latents' shape) gives the standard-normal draw explicitly instead, e.g. drawn per
+    sample so a result does not depend on the rest of the batch. The result has ``images``' dtype.
     """
     if images.ndim < 4 or images.shape[-3] != 3:
         raise ValueError(f"images: expected [..., 3, H, W] with a batch dim, got {tuple(images.shape)}")
     lead = images.shape[:-3]
     dist = vae.encode(images.flatten(0, -4).to(vae.dtype)).latent_dist
-    z = dist.sample(generator=generator) if sample else dist.mean
+    if not sample:
+        z = dist.mean
+    elif noise is not None:
+        z = dist.mean + dist.std * noise.flatten(0, -4).to(dist.mean)
+    else:
+        z = dist.sample(generator=generator)
     return (z * vae.config.scaling_factor).unflatten(0, lead).to(images.dtype)
 
 

@@ -8,7 +8,7 @@ and the depth distortion (the weighted depth variance times alpha, the regularis
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from gen3diffusion.cameras import Cameras
     from gen3diffusion.gaussians import Gaussians
 
-__all__ = ["RenderOutput", "rasterize", "BACKENDS"]
+__all__ = ["RenderOutput", "rasterize", "rasterize_chunks", "BACKENDS"]
 
 BACKENDS = ("auto", "gsplat", "torch")
 # depth and distortion divide by max(alpha, ALPHA_EPS); any covered pixel has alpha >= alpha_min anyway
@@ -99,6 +99,18 @@ def rasterize(
     distortion = (sums[..., 4:5] - centred**2 / safe_alpha).clamp_min(0.0)
     to_chw = lambda x: x.permute(0, 1, 4, 2, 3)  # noqa: E731  [B, V, H, W, C] -> [B, V, C, H, W]
     return RenderOutput(rgb=to_chw(rgb), alpha=to_chw(alpha), depth=to_chw(depth), distortion=to_chw(distortion))
+
+
+def rasterize_chunks(
+    gaussians: Gaussians, cameras: Cameras, chunk: int = 8, **kwargs
+) -> Iterator[RenderOutput]:
+    """``rasterize`` over many views ``cameras.c2w [V, 4, 4]`` in groups of ``chunk``, to bound memory (turntables,
+    mesh fusion). ``kwargs`` go to :func:`rasterize`."""
+    from gen3diffusion.cameras import Cameras
+
+    for i in range(0, cameras.c2w.shape[0], chunk):
+        sub = Cameras(cameras.c2w[i:i + chunk], cameras.K[i:i + chunk], cameras.width, cameras.height)
+        yield rasterize(gaussians, sub, **kwargs)
 
 
 def _resolve_backend(backend: str, like: Tensor) -> str:
