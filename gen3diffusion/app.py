@@ -178,7 +178,7 @@ class App:
             num_steps = int(steps)
             sampler_cfg = OmegaConf.structured(SamplerConfig(
                 num_steps=num_steps, guidance_scale=float(guidance_scale), refine=bool(refine),
-                render_size=2 * req.pipe.image_size, dtype=str(req.pipe.dtype).removeprefix("torch."),
+                render_size=2 * req.pipe.image_size,
             ))
 
             def on_step(i: int, t: int, _out) -> None:

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe.progress = False  # one bar over the objects is enough
         sampler_cfg = OmegaConf.structured(SamplerConfig(
             num_steps=args.steps, guidance_scale=args.guidance_scale, refine=not args.no_refine,
-            render_size=args.render_size or 2 * pipe.image_size, dtype=str(pipe.dtype).removeprefix("torch."),
+            render_size=args.render_size or 2 * pipe.image_size,
         ))
         evaluator = Evaluator(pipe, cfg, sampler_cfg, mesh_cfg, geometry_cfg)
         summary = evaluator.run(progress=not args.quiet)
