@@ -151,6 +151,8 @@ class SamplerConfig:
     render_size: int = 512
     # VAE-encode renders with a posterior sample, as the authors do (False: the posterior mean)
     sample_posterior: bool = True
+    # on CUDA, replay the fixed-shape parts of each step as CUDA graphs (same kernels and numbers, far fewer launches)
+    cuda_graphs: bool = True
 
 
 ### training

@@ -124,12 +124,12 @@ def official_pipeline_kwargs() -> dict:
     return dict(model_3d_config=tiny_section("gaussian_unet", GaussianUNetConfig))
 
 
-def load_script(name: str):
-    """Import ``scripts/<name>.py`` as a module (the scripts folder is not a package)."""
+def load_script(name: str, folder: str = "scripts"):
+    """Import ``<folder>/<name>.py`` as a module (scripts/ and bench/ are not packages)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    path = Path(__file__).resolve().parent.parent / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -19,7 +19,7 @@ ImageDream sampling and only the final pass runs the 3D model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Optional
 
 import torch
@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 
 from ..cameras import Cameras, mvd_camera_vectors, plucker_rays, target_cameras
 from ..config import CameraConfig, RenderConfig, SamplerConfig, SchedulerConfig, to_dict
-from ..gaussians import Gaussians
+from ..gaussians import Gaussians, activate
 from ..models.conditioning import MVConditioning, cfg_batch, combine_cfg, vae_decode, vae_encode
 from ..render import rasterize
+from .graphs import CUDAGraphs
 
 __all__ = [
     "Conditioning",
@@ -109,7 +110,9 @@ class JointSampler:
     """Algorithm 2. Wires the MVD UNet, the VAE, the 3D-GS model and the renderer; owns no weights of its own.
 
     The caller prepares :class:`Conditioning`; ``mv_unet`` follows ``MultiViewUNet.forward`` and ``model_3d`` follows
-    ``GaussianDiffusionModel.forward`` (see their docstrings).
+    ``GaussianDiffusionModel.forward_raw`` (see their docstrings). With ``graphs`` (CUDA only) the two fixed-shape
+    parts of each step (MVD + decodes + 3D model, then resize + encode + Eq. 10) replay as CUDA graphs; the renderer,
+    whose work depends on the Gaussians, and the scheduler run eagerly in between.
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class JointSampler:
         camera_cfg: CameraConfig | None = None,
         render_cfg: RenderConfig | None = None,
         mvd_cameras: Tensor | None = None,  # [F, 16]; default: cameras.mvd_camera_vectors()
+        graphs: CUDAGraphs | None = None,
     ) -> None:
         self.mv_unet, self.vae, self.model_3d, self.scheduler = mv_unet, vae, model_3d, scheduler
         self.cfg = cfg or SamplerConfig()
@@ -130,65 +134,85 @@ class JointSampler:
         self.mvd_cameras = mvd_camera_vectors() if mvd_cameras is None else mvd_cameras
         self.num_frames = self.mvd_cameras.shape[0]  # F = V + 1
         self.num_views = self.num_frames - 1
+        self.graphs = graphs
         self.progress = True
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.mv_unet.parameters()).dtype
 
-    # --- Algorithm 2, one step -------------------------------------------------------------------------------
+    # --- the parts of one step (tensor in, tensor out; ``t`` and ``alpha_bar_t`` are 0-dim tensors) ------------
 
-    def mvd_eps(self, x_t: Tensor, t: int, cond: Conditioning) -> Tensor:
+    def mvd_eps(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """The MVD's noise estimate with classifier-free guidance, for all F frames."""
         B, Fr = x_t.shape[:2]
-        timesteps = torch.full((B * Fr,), t, device=x_t.device, dtype=torch.long)
-        x_in, t_in = cfg_batch(x_t.flatten(0, 1).to(self.dtype), timesteps)  # [2B*F, 4, h, w]
+        x_in, t_in = cfg_batch(x_t.flatten(0, 1).to(self.dtype), t.reshape(1).expand(B * Fr))  # [2B*F, 4, h, w]
         eps = self.mv_unet(x_in, t_in, **cond.mv.unet_kwargs())
         return combine_cfg(eps.float(), self.cfg.guidance_scale).unflatten(0, (B, Fr))
 
-    def predict_gaussians(self, x0_2d: Tensor, x_t: Tensor, t: int, cond: Conditioning) -> tuple[Gaussians, Tensor]:
-        """Eq. 8: the 3D-GS model on the decoded x0~ and x_t of the V target views (one batched VAE decode).
+    def decode_views(self, x0_2d: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
+        """Decode x0~ and x_t of the V target views [B, V, 4, h, w] in one VAE batch -> two [B, V, 3, H, W] in [0, 1]."""
+        V = x0_2d.shape[1]
+        images = self.decode(torch.cat([x0_2d, x_t], dim=1))  # [B, 2V, 3, H, W]
+        return images[:, :V], images[:, V:]
 
-        Returns the Gaussians and the decoded x_t views [B, V, 3, H, W] in [0, 1]."""
-        B, V = x0_2d.shape[:2]
-        images = self.decode(torch.cat([x0_2d, x_t[:, :V]], dim=1))  # [B, 2V, 3, H, W] in [0, 1]
-        H, W = images.shape[-2:]
-        rays = self.target_rays(H, W, x0_2d.device).expand(B, -1, -1, -1, -1)  # [B, V, 6, H, W]
-        timesteps = torch.full((B,), t, device=x0_2d.device, dtype=torch.long)
-        gaussians = self.model_3d(
-            images[:, :V].to(self.dtype), images[:, V:].to(self.dtype), rays.to(self.dtype), timesteps,
-            cond.image.to(self.dtype),
-        )
-        return gaussians, images[:, V:]
+    def predict_gaussians(self, x_t: Tensor, t: Tensor, alpha_bar_t: Tensor, cond: Conditioning,
+                          rays: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """MVD with CFG -> x0~ (Eq. 3) -> decode x0~ and x_t -> 3D model (Eq. 8).
 
-    def render_latents(self, gaussians: Gaussians, size: tuple[int, int], generators: list[torch.Generator]) -> Tensor:
-        """Render the V target views of ``gaussians`` at ``render_size``, resize to ``size``, VAE-encode: x0^."""
-        s = self.cfg.render_size
-        dev = gaussians.means.device
-        cams = Cameras.from_fovy(target_cameras(self.camera_cfg.radius).to(dev), self.camera_cfg.fovy, s, s)
-        out = rasterize(gaussians.to(torch.float32), cams, background=(1.0, 1.0, 1.0), cfg=self.render_cfg)
-        rgb = out.rgb.clamp(0, 1)  # [B, V, 3, s, s]
-        if (s, s) != tuple(size):
-            rgb = F.interpolate(rgb.flatten(0, 1), size=size, mode="bilinear", align_corners=False).unflatten(0, rgb.shape[:2])
-        return self.encode(rgb, generators)
+        Returns eps [B, F, 4, h, w], x0~ [B, V, 4, h, w], the raw Gaussians [B, N, 14] and the decoded x_t views
+        [B, V, 3, H, W]."""
+        V = self.num_views
+        eps = self.mvd_eps(x_t, t, cond)  # [B, F, 4, h, w]
+        x0_2d = predict_x0(x_t[:, :V], eps[:, :V], alpha_bar_t)  # [B, V, 4, h, w]
+        x0_images, xt_images = self.decode_views(x0_2d, x_t[:, :V])
+        B = x_t.shape[0]
+        raw = self.model_3d.forward_raw(
+            x0_images.to(self.dtype), xt_images.to(self.dtype), rays.expand(B, -1, -1, -1, -1).to(self.dtype),
+            t.reshape(1).expand(B), cond.image.to(self.dtype),
+        )  # [B, N, 14]
+        return eps, x0_2d, raw, xt_images
+
+    def refine_eps(self, rgb: Tensor, noise: Tensor | None, x_t: Tensor, alpha_bar_t: Tensor,
+                   eps: Tensor) -> tuple[Tensor, Tensor]:
+        """Renders [B, V, 3, s, s] -> resize to the image size -> VAE-encode: x0^ -> eps^ (Eq. 10) for the V targets.
+
+        ``noise`` is the posterior draw (None: the posterior mean). Returns the noise for the DDIM update
+        [B, F, 4, h, w] (the input frame keeps the MVD's) and x0^ [B, V, 4, h, w]."""
+        V = self.num_views
+        size = self.image_size
+        if tuple(rgb.shape[-2:]) != (size, size):
+            rgb = F.interpolate(rgb.flatten(0, 1), size=(size, size), mode="bilinear",
+                                align_corners=False).unflatten(0, rgb.shape[:2])
+        x0_3d = self.encode(rgb, noise)  # [B, V, 4, h, w]
+        eps = torch.cat([eps_from_x0(x_t[:, :V], x0_3d, alpha_bar_t), eps[:, V:]], dim=1)
+        return eps, x0_3d
+
+    def render(self, raw: Tensor, cameras: Cameras) -> Tensor:
+        """The V target views [B, V, 3, s, s] of the Gaussians, on white, clamped to [0, 1]."""
+        out = rasterize(activate(raw.float()), cameras, background=(1.0, 1.0, 1.0), cfg=self.render_cfg)
+        return out.rgb.clamp(0, 1)
+
+    # --- one step and the whole loop ---------------------------------------------------------------------------
 
     def step(self, x_t: Tensor, t: int, cond: Conditioning, generators: list[torch.Generator]) -> StepOutput:
         """One step of Algorithm 2 at timestep ``t``."""
         V = self.num_views
-        alpha_bar_t = self.scheduler.alphas_cumprod[t].to(x_t.device)
-        eps = self.mvd_eps(x_t, t, cond)  # [B, F, 4, h, w]
-        x0_2d = predict_x0(x_t[:, :V], eps[:, :V], alpha_bar_t)  # [B, V, 4, h, w]
+        t_dev, alpha_bar_t = self.timestep_tensors[t], self.alphas_cumprod[t]  # 0-dim views on the device: no copies
         x0_3d = gaussians = None
         if self.cfg.refine:
-            gaussians, _ = self.predict_gaussians(x0_2d, x_t, t, cond)
-            H, W = cond.image.shape[-2:]
-            x0_3d = self.render_latents(gaussians, (H, W), generators)  # [B, V, 4, h, w]
-            eps = torch.cat([eps_from_x0(x_t[:, :V], x0_3d, alpha_bar_t), eps[:, V:]], dim=1)
-        variance_noise = self._eta_noise(x_t, generators) if self.cfg.eta > 0 else None
+            eps, x0_2d, raw, _ = self._run("predict", self.predict_gaussians, x_t, t_dev, alpha_bar_t, cond,
+                                           self.rays)
+            rgb = self.render(raw, self.render_cameras)  # [B, V, 3, s, s]
+            noise = self.posterior_noise(generators, V, x_t.device)
+            eps, x0_3d = self._run("refine", self.refine_eps, rgb, noise, x_t, alpha_bar_t, eps)
+            gaussians = activate(raw)
+        else:
+            (eps,) = self._run("mvd", lambda *a: (self.mvd_eps(*a),), x_t, t_dev, cond)
+            x0_2d = predict_x0(x_t[:, :V], eps[:, :V], alpha_bar_t)
+        variance_noise = self._noise(generators, tuple(x_t.shape[1:]), x_t.device) if self.cfg.eta > 0 else None
         out = self.scheduler.step(eps, t, x_t, eta=self.cfg.eta, variance_noise=variance_noise)
         return StepOutput(out.prev_sample, eps, x0_2d, out.pred_original_sample, x0_3d, gaussians)
-
-    # --- the whole loop ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def __call__(
@@ -202,9 +226,11 @@ class JointSampler:
         B = cond.batch_size
         if len(generators) != B:
             raise ValueError(f"got {len(generators)} generators for a batch of {B}; pass one per input image")
+        device = cond.image.device
         h, w = cond.mv.ip_img.shape[-2:]
-        self.scheduler.set_timesteps(self.cfg.num_steps, device=cond.image.device)
-        x_t = self._noise(generators, (self.num_frames, self.mv_unet.config.in_channels, h, w), cond.image.device)  # [B, F, 4, h, w]
+        self.scheduler.set_timesteps(self.cfg.num_steps, device=device)
+        cond = self.prepare(cond)
+        x_t = self._noise(generators, (self.num_frames, self.mv_unet.config.in_channels, h, w), device)  # [B, F, 4, h, w]
         x_t = x_t * self.scheduler.init_noise_sigma
         timesteps = [int(t) for t in self.scheduler.timesteps]
         for i, t in enumerate(tqdm(timesteps, desc="denoising", leave=False, disable=not self.progress)):
@@ -216,36 +242,68 @@ class JointSampler:
 
     def final_pass(self, x_t: Tensor, t: int, cond: Conditioning) -> SamplerOutput:
         """One more MVD pass at the last timestep; its x0~ and the final latents give the output Gaussians."""
-        V = self.num_views
-        eps = self.mvd_eps(x_t, t, cond)
-        x0_2d = predict_x0(x_t[:, :V], eps[:, :V], self.scheduler.alphas_cumprod[t].to(x_t.device))
-        gaussians, views = self.predict_gaussians(x0_2d, x_t, t, cond)  # views: decoded final latents
-        return SamplerOutput(gaussians=gaussians.to(torch.float32), views=views.float(), latents=x_t)
+        _, _, raw, views = self._run("predict", self.predict_gaussians, x_t, self.timestep_tensors[t],
+                                     self.alphas_cumprod[t], cond, self.rays)
+        return SamplerOutput(gaussians=activate(raw), views=views.float(), latents=x_t)
 
-    # --- VAE and noise helpers ---------------------------------------------------------------------------------
+    # --- helpers -----------------------------------------------------------------------------------------------
+
+    @property
+    def image_size(self) -> int:
+        return self.mv_unet.config.image_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def decode(self, latents: Tensor) -> Tensor:
         """[B, K, 4, h, w] latents -> [B, K, 3, H, W] images in [0, 1] (one batched VAE call)."""
         return ((vae_decode(self.vae, latents.float()) + 1) / 2).clamp(0, 1)
 
-    def encode(self, images: Tensor, generators: list[torch.Generator]) -> Tensor:
-        """[B, K, 3, H, W] images in [0, 1] -> latents; posterior sample drawn per sample from its generator."""
-        B, K, _, H, W = images.shape
-        noise = None
-        if self.cfg.sample_posterior:
-            f = 2 ** (len(self.vae.config.block_out_channels) - 1)
-            noise = self._noise(generators, (K, self.vae.config.latent_channels, H // f, W // f), images.device)
-        return vae_encode(self.vae, images.float() * 2 - 1, sample=self.cfg.sample_posterior, noise=noise)
+    def encode(self, images: Tensor, noise: Tensor | None) -> Tensor:
+        """[B, K, 3, H, W] images in [0, 1] -> latents: the posterior mean plus std * ``noise`` (None: the mean)."""
+        return vae_encode(self.vae, images.float() * 2 - 1, sample=noise is not None, noise=noise)
 
-    def target_rays(self, H: int, W: int, device: torch.device) -> Tensor:
-        """[1, V, 6, H, W] Plücker maps of the V target cameras at the image size."""
-        cams = Cameras.from_fovy(target_cameras(self.camera_cfg.radius).to(device), self.camera_cfg.fovy, W, H)
-        return plucker_rays(cams).unsqueeze(0)
+    def posterior_noise(self, generators: list[torch.Generator], num_images: int, device: torch.device) -> Tensor | None:
+        """[B, K, C, h, w] standard-normal draw for the VAE posterior sample of K images per sample (one generator per
+        sample), or None when ``sample_posterior`` is off (encode the mean)."""
+        if not self.cfg.sample_posterior:
+            return None
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        shape = (num_images, self.vae.config.latent_channels, self.image_size // f, self.image_size // f)
+        return self._noise(generators, shape, device)
+
+    def prepare(self, cond: Conditioning) -> Conditioning:
+        """Per-call constants, set as attributes: ``render_cameras``, the Plücker maps ``rays`` [1, V, 6, H, W], and
+        on the device ``alphas_cumprod`` and ``timestep_tensors`` (0-dim views by timestep). With graphs, returns
+        the conditioning copied into the graphs' persistent buffers (else unchanged). ``__call__`` runs this."""
+        device = cond.image.device
+        s, size = self.cfg.render_size, self.image_size
+        c2w = target_cameras(self.camera_cfg.radius).to(device)
+        self.render_cameras = Cameras.from_fovy(c2w, self.camera_cfg.fovy, s, s)
+        self.rays = plucker_rays(Cameras.from_fovy(c2w, self.camera_cfg.fovy, size, size)).unsqueeze(0)  # [1, V, 6, H, W]
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)  # [T_train]
+        self.timestep_tensors = torch.arange(len(self.alphas_cumprod), device=device)  # [T_train]
+        if self.graphs is None:
+            return cond
+        pin = self.graphs.pin
+        mv = replace(cond.mv, **{f.name: pin(f"mv.{f.name}", getattr(cond.mv, f.name))
+                                 for f in fields(cond.mv) if isinstance(getattr(cond.mv, f.name), Tensor)})
+        return Conditioning(pin("image", cond.image), mv)
+
+    def _run(self, name: str, fn: Callable[..., tuple[Tensor, ...]], *args) -> tuple[Tensor, ...]:
+        """``fn(*args)``; with graphs, replayed from the graph for ``name`` (tensor args are its inputs; the rest,
+        pinned by ``_prepare``, are read in place)."""
+        if self.graphs is None:
+            return fn(*args)
+        slots = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
+
+        def tensor_fn(*tensors: Tensor) -> tuple[Tensor, ...]:
+            full = list(args)
+            for i, x in zip(slots, tensors):
+                full[i] = x
+            return fn(*full)
+
+        key = (name, self.cfg.guidance_scale, self.cfg.sample_posterior)  # Python values the graph bakes in
+        return self.graphs.run(key, tensor_fn, *(args[i] for i in slots))
 
     @staticmethod
     def _noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> Tensor:
         """[B, *shape] standard normal noise, sample b drawn from ``generators[b]`` (on the generator's device)."""
         return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
-
-    def _eta_noise(self, x_t: Tensor, generators: list[torch.Generator]) -> Tensor:
-        return self._noise(generators, tuple(x_t.shape[1:]), x_t.device)

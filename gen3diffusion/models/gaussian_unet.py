@@ -334,10 +334,13 @@ class GaussianDiffusionModel(ModelMixin, ConfigMixin):
 
     @staticmethod
     def _normalize_rgb(rgb: Tensor) -> Tensor:
-        """[..., 3, H, W] in [0, 1] (clamped) -> ImageNet-normalised."""
-        mean = torch.tensor(IMAGENET_MEAN, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
-        return (rgb.clamp(0.0, 1.0) - mean) / std
+        """[..., 3, H, W] in [0, 1] (clamped) -> ImageNet-normalised.
+
+        Per channel with Python scalars, not a mean/std tensor built here: copying one to the GPU would break CUDA
+        graph capture (``diffusion/graphs.py``)."""
+        rgb = rgb.clamp(0.0, 1.0)
+        channels = [(rgb[..., c, :, :] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))]
+        return torch.stack(channels, dim=-3)
 
     def _check_inputs(self, x0_hat: Tensor, x_t: Tensor, rays: Tensor, t: Tensor, context: Tensor) -> None:
         if x0_hat.ndim != 5 or x0_hat.shape[2] != 3:
