@@ -1,10 +1,23 @@
-"""Time full-size joint sampling (Algorithm 2) with random weights: seconds per object and peak GPU memory.
+"""Time full-size joint sampling (Algorithm 2): the authors' structure against this project's fast default.
 
-Builds the official-size models directly on the device (MV UNet 0.94 B, SD-2.1 VAE, CLIP ViT-H/14 vision tower,
-the 3D-GS model 0.42 B; no text encoder: random prompt embeddings stand in for the cached ones), then runs the
-pipeline for ``--steps`` DDIM steps with CFG and refinement, once to warm up and ``--iters`` times timed.
+Builds the official-size models with random weights directly on the GPU (MV UNet 0.94 B, SD-2.1 VAE, CLIP ViT-H/14
+vision tower, 3D-GS model 0.42 B; no text encoder: random prompt embeddings stand in for the cached ones) and samples
+``--steps`` DDIM steps with CFG 5 and refinement, in two modes:
 
-    python bench/bench_sample.py --dtype bf16 fp32 --batch-sizes 1 --json bench_sample.json
+- ``reference``: the authors' structure: float32, eager, one VAE decode call per tensor (x0~, then x_t);
+- ``fast``: the default of ``Gen3DiffusionPipeline`` on CUDA: bfloat16 weights, one batched decode of x0~ and x_t,
+  and CUDA graphs for the fixed-shape parts of each step (``SamplerConfig.cuda_graphs``).
+
+Optional extra modes: ``fast-fp32`` (float32 with CUDA graphs), ``bf16-eager`` (fast without CUDA graphs),
+``fast-cl`` (fast with channels_last weights) and ``compile`` (fast plus ``Gen3DiffusionPipeline.compile``, which
+also switches to channels_last). For every mode and batch size it prints seconds per object, peak GPU memory and the
+speed-up over ``reference``, and the parity of each mode's Gaussians against the reference ones on the same seed
+(after the full run and after two steps). Then, unless ``--analyse none``: the FLOPs of one step and the fraction of
+the card's bf16 peak each mode reaches, the bf16-vs-float32 error of one step's parts from identical inputs, the
+time of each part of a step, and optionally a torch.profiler table.
+
+    python bench/bench_sample.py --json bench_sample.json
+    python bench/bench_sample.py --modes reference fast bf16-eager --batch-sizes 1 --profile profile.txt
 """
 
 from __future__ import annotations
@@ -13,32 +26,92 @@ import argparse
 import json
 import statistics
 import time
+from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from gen3diffusion.config import SamplerConfig
+from gen3diffusion.cameras import Cameras, target_cameras
+from gen3diffusion.config import CameraConfig, SamplerConfig
+from gen3diffusion.diffusion.sampler import JointSampler, predict_x0
 from gen3diffusion.pipeline import Gen3DiffusionPipeline
+from gen3diffusion.render import rasterize
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # the CLIP ViT-H/14 vision tower of the ImageDream port (image_encoder/config.json)
 CLIP_VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
                   image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
+BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense tensor-core peak (vendor data sheets)
+# mode -> (dtype, the authors' separate decodes, CUDA graphs, channels_last, torch.compile)
+MODES = {
+    "reference": (torch.float32, True, False, False, False),
+    "fast": (torch.bfloat16, False, True, False, False),
+    "fast-fp32": (torch.float32, False, True, False, False),
+    "bf16-eager": (torch.bfloat16, False, False, False, False),
+    "fast-cl": (torch.bfloat16, False, True, True, False),
+    "compile": (torch.bfloat16, False, True, True, True),  # Pipeline.compile() also switches to channels_last
+}
+
+
+class ReferenceSampler(JointSampler):
+    """The authors' structure: x0~ and x_t decoded by two separate VAE calls."""
+
+    def decode_views(self, x0_2d: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
+        return self.decode(x0_2d), self.decode(x_t)
+
+
+class TimedSampler(JointSampler):
+    """The fast sampler with each part of a step in its own CUDA graph, timed by CUDA events around the replays."""
+
+    events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = defaultdict(list)
+
+    def _timed(self, name: str, fn, *args):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn(*args)
+        end.record()
+        self.events[name].append((start, end))
+        return out
+
+    def _run(self, name, fn, *args):
+        if name == "predict":  # runs its parts, each graphed and timed on its own (below)
+            return fn(*args)
+        return self._timed(name, super()._run, name, fn, *args)
+
+    def predict_gaussians(self, x_t, t, alpha_bar_t, cond, rays):
+        V, B = self.num_views, x_t.shape[0]
+        (eps,) = self._run("MV UNet with CFG", lambda *a: (self.mvd_eps(*a),), x_t, t, cond)
+        x0_2d = predict_x0(x_t[:, :V], eps[:, :V], alpha_bar_t)
+        x0_images, xt_images = self._run("VAE decode x0~ and x_t", self.decode_views, x0_2d, x_t[:, :V])
+        (raw,) = self._run("3D model", lambda *a: (self.model_3d.forward_raw(*a),), x0_images.to(self.dtype),
+                           xt_images.to(self.dtype), rays.expand(B, -1, -1, -1, -1).to(self.dtype),
+                           t.reshape(1).expand(B), cond.image.to(self.dtype))
+        return eps, x0_2d, raw, xt_images
+
+    def render(self, raw, cameras):
+        return self._timed("render (gsplat)", super().render, raw, cameras)
+
+    def step(self, x_t, t, cond, generators):
+        return self._timed("whole step", super().step, x_t, t, cond, generators)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16"])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=["reference", "fast"])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--no-refine", action="store_true")
-    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--iters", type=int, default=2, help="timed runs per mode and batch size (the reference: 1)")
+    p.add_argument("--analyse", choices=[*MODES, "none"], default="fast",
+                   help="the mode whose step is broken down into parts and profiled (none: skip FLOPs, parity of a "
+                        "step's parts, breakdown and profile)")
+    p.add_argument("--profile", type=Path, help="write a torch.profiler table of 10 eager steps at batch 1 here")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
 
 
 def build_pipeline(dtype: torch.dtype, device: torch.device) -> Gen3DiffusionPipeline:
-    """Official-size models with random weights, created directly on ``device`` in ``dtype``."""
+    """Official-size models with random weights, created directly on ``device`` in ``dtype`` (seeded)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -48,47 +121,199 @@ def build_pipeline(dtype: torch.dtype, device: torch.device) -> Gen3DiffusionPip
 
     torch.manual_seed(0)
     with device:
-        mv_unet = MultiViewUNet().to(dtype).eval()
-        model_3d = GaussianDiffusionModel().to(dtype).eval()
-        vae = AutoencoderKL(**SD21_VAE_CONFIG).to(dtype).eval()
-        image_encoder = CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H)).to(dtype).eval()
+        mv_unet = MultiViewUNet().to(dtype).eval().requires_grad_(False)
+        model_3d = GaussianDiffusionModel().to(dtype).eval().requires_grad_(False)
+        vae = AutoencoderKL(**SD21_VAE_CONFIG).to(dtype).eval().requires_grad_(False)
+        image_encoder = CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H)).to(dtype).eval().requires_grad_(False)
         prompts = torch.randn(2, 77, 1024, dtype=dtype)
+    for model in (mv_unet, model_3d):  # zero-initialised output layers would make eps exactly 0: fill them too
+        for param in model.parameters():
+            if param.dim() > 1 and not param.any():
+                torch.nn.init.normal_(param, std=0.02)
     pipe = Gen3DiffusionPipeline(mv_unet, vae, image_encoder, model_3d, prompts)
     pipe.progress = False
     return pipe
+
+
+def time_sampling(pipe: Gen3DiffusionPipeline, images: Tensor, cfg: SamplerConfig, iters: int) -> dict:
+    """Warm up with a two-step run (kernel choice, graph capture, compilation), then time ``iters`` full runs.
+
+    Returns the timings, the last output and the warm-up's (two steps: a short trajectory for parity checks)."""
+    start = time.perf_counter()
+    short = pipe(images, seed=0, sampler_cfg=replace(cfg, num_steps=2))
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - start
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        out = pipe(images, seed=0, sampler_cfg=cfg)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return dict(s_per_object=statistics.median(times) / images.shape[0], warmup_s=warmup_s,
+                peak_alloc_gib=torch.cuda.max_memory_allocated() / 2**30,
+                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30, output=out, short_output=short)
+
+
+def parity(fast: tuple, ref: tuple, device: torch.device) -> dict:
+    """How far the fast Gaussians (and views) are from the reference ones: parameter errors, PSNR of the renders."""
+    (g16, views16), (g32, views32) = fast, ref
+    g16, g32 = g16.to(device=device), g32.to(device=device)
+    s, cam = 256, CameraConfig()
+    cams = Cameras.from_fovy(target_cameras(cam.radius).to(g32.means.device), cam.fovy, s, s)
+    r16 = rasterize(g16, cams, background=(1.0, 1.0, 1.0)).rgb.clamp(0, 1)
+    r32 = rasterize(g32, cams, background=(1.0, 1.0, 1.0)).rgb.clamp(0, 1)
+    mse = (r16 - r32).pow(2).mean()
+    views_mse = (views16 - views32).pow(2).mean()
+    return dict(
+        means_max_abs=float((g16.means - g32.means).abs().max()),
+        means_mean_abs=float((g16.means - g32.means).abs().mean()),
+        rgb_mean_abs=float((g16.colors - g32.colors).abs().mean()),
+        opacity_mean_abs=float((g16.opacities - g32.opacities).abs().mean()),
+        render_psnr_db=float(-10 * torch.log10(mse)),
+        views_psnr_db=float(-10 * torch.log10(views_mse)),
+    )
+
+
+def part_parity(pipe32: Gen3DiffusionPipeline, pipe16: Gen3DiffusionPipeline, images: Tensor, t: int = 501
+                ) -> dict[str, float]:
+    """One joint step's parts (MVD eps, x0~, the 3D model's raw Gaussians, the decoded x_t) computed from identical
+    inputs by a float32 and a bfloat16 pipeline: the relative L2 error of each, i.e. what bf16 rounding alone does
+    (a whole trajectory of random, untrained networks amplifies any difference, so it cannot show this)."""
+    h = pipe32.mv_unet.config.image_size
+    x_t = torch.randn(images.shape[0], 5, 4, h, h, device=images.device,
+                      generator=torch.Generator(images.device).manual_seed(0))  # [B, F, 4, h, w]
+    outs = []
+    for pipe in (pipe32, pipe16):
+        sampler, cond, _ = pipe.prepare(images, sampler_cfg=SamplerConfig(cuda_graphs=False))
+        cond = sampler.prepare(cond)
+        with torch.no_grad():
+            outs.append(sampler.predict_gaussians(x_t, sampler.timestep_tensors[t], sampler.alphas_cumprod[t], cond,
+                                                  sampler.rays))
+    names = ("eps", "x0_2d", "raw_gaussians", "decoded_x_t")
+    return {n: float((b.float() - a.float()).norm() / a.float().norm()) for n, a, b in zip(names, *outs)}
+
+
+def step_flops(pipe: Gen3DiffusionPipeline, images: Tensor) -> int:
+    """FLOPs of one joint step (matmuls, convolutions, attention; counted by torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pipe.sampler_cls = JointSampler
+    for module in (pipe.mv_unet, pipe.vae, pipe.image_encoder, pipe.model_3d):
+        module.requires_grad_(False)  # FlopCounterMode's module tracker trips over parameters that require grad
+    with FlopCounterMode(display=False) as counter:
+        pipe(images, seed=0, sampler_cfg=SamplerConfig(num_steps=1, cuda_graphs=False))  # one step + the final pass
+    total_1 = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        pipe(images, seed=0, sampler_cfg=SamplerConfig(num_steps=2, cuda_graphs=False))
+    return counter.get_total_flops() - total_1  # the second run has exactly one more step
+
+
+def breakdown(pipe: Gen3DiffusionPipeline, images: Tensor, cfg: SamplerConfig) -> dict[str, float]:
+    """Median milliseconds per step of each part of a step ("refine": resize + VAE encode + Eq. 10)."""
+    pipe.sampler_cls = TimedSampler
+    TimedSampler.events.clear()
+    pipe(images, seed=0, sampler_cfg=replace(cfg, num_steps=2))  # capture the parts' graphs
+    TimedSampler.events.clear()
+    pipe(images, seed=0, sampler_cfg=cfg)
+    torch.cuda.synchronize()
+    return {name: statistics.median(s.elapsed_time(e) for s, e in pairs) for name, pairs in TimedSampler.events.items()}
+
+
+def setup(mode: str, device: torch.device) -> tuple[Gen3DiffusionPipeline, bool]:
+    """A fresh pipeline for ``mode`` and whether it samples with CUDA graphs."""
+    dtype, separate_decodes, graphs, channels_last, compiled = MODES[mode]
+    pipe = build_pipeline(dtype, device)
+    pipe.sampler_cls = ReferenceSampler if separate_decodes else JointSampler
+    if channels_last:
+        pipe.use_channels_last()
+    if compiled:
+        pipe.compile()
+    return pipe, graphs
+
+
+def to_cpu(out) -> tuple:
+    return out.gaussians.to(device="cpu", dtype=torch.float32), out.views.float().cpu()
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_sample.py needs a CUDA device")
+    torch.backends.cudnn.benchmark = True
     device = torch.device("cuda")
-    rows = []
-    for name in args.dtype:
-        pipe = build_pipeline(DTYPES[name], device)
-        weights_gib = torch.cuda.memory_allocated() / 2**30
-        cfg = SamplerConfig(num_steps=args.steps, refine=not args.no_refine)
+    card = torch.cuda.get_device_name()
+    cfg = SamplerConfig(num_steps=args.steps)
+    report: dict = {"card": card, "rows": [], "parity": {}}
+    outputs = {}
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+
+    print(f"{card}; {args.steps} steps, CFG {cfg.guidance_scale:g}, refinement on\n")
+    print("| mode | batch | s / object | vs reference | peak allocated | peak reserved | warm-up |")
+    print("|---|---|---|---|---|---|---|")
+    for mode in args.modes:  # one pipeline on the card at a time, so each peak counts only its own weights
+        pipe, graphs = setup(mode, device)
+        run_cfg = replace(cfg, cuda_graphs=graphs)
         for b in args.batch_sizes:
-            images = torch.rand(b, 3, pipe.image_size, pipe.image_size, device=device)
-            pipe(images, seed=0, sampler_cfg=cfg)  # warm-up (kernels, gsplat JIT, allocator)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            times = []
-            for _ in range(args.iters):
-                start = time.perf_counter()
-                pipe(images, seed=0, sampler_cfg=cfg)
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-            row = dict(dtype=name, batch=b, steps=args.steps, refine=not args.no_refine,
-                       s_per_object=statistics.median(times) / b, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-                       weights_gib=weights_gib, device=torch.cuda.get_device_name())
-            rows.append(row)
-            print(f"| {name} | {b} | {args.steps} | {row['refine']} | {row['s_per_object']:.2f} s | "
-                  f"{row['peak_gib']:.1f} GiB | {weights_gib:.1f} GiB |", flush=True)
+            images = torch.rand(b, 3, pipe.image_size, pipe.image_size, device=device,
+                                generator=torch.Generator(device).manual_seed(b))
+            result = time_sampling(pipe, images, run_cfg, 1 if mode == "reference" else args.iters)
+            outputs[(mode, b)] = to_cpu(result.pop("output")), to_cpu(result.pop("short_output"))
+            ref = next((r for r in report["rows"] if r["mode"] == "reference" and r["batch"] == b), None)
+            result.update(mode=mode, batch=b, steps=args.steps,
+                          speedup=ref["s_per_object"] / result["s_per_object"] if ref else None)
+            report["rows"].append(result)
+            speedup = f"{result['speedup']:.1f}x" if result["speedup"] else "-"
+            print(f"| {mode} | {b} | {result['s_per_object']:.2f} | {speedup} | {result['peak_alloc_gib']:.2f} GiB | "
+                  f"{result['peak_reserved_gib']:.2f} GiB | {result['warmup_s']:.0f} s |", flush=True)
+            if mode != "reference" and ("reference", b) in outputs:
+                (ref_long, ref_short), (long, short) = outputs[("reference", b)], outputs[(mode, b)]
+                report["parity"][f"{mode} b{b}"] = {f"{args.steps} steps": parity(long, ref_long, device),
+                                                    "2 steps": parity(short, ref_short, device)}
+                print(f"  parity vs reference: {json.dumps(report['parity'][f'{mode} b{b}'])}", flush=True)
+            save()
         del pipe
         torch.cuda.empty_cache()
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    if args.analyse == "none":
+        return
+    pipe, _ = setup("fast", device)
+    images = torch.rand(1, 3, pipe.image_size, pipe.image_size, device=device,
+                        generator=torch.Generator(device).manual_seed(1))
+    flops = step_flops(pipe, images)
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in card), None)
+    report["flops_per_step"] = flops
+    print(f"\nFLOPs per joint step (batch 1): {flops / 1e12:.2f} TFLOP; {args.steps} steps: "
+          f"{flops * args.steps / 1e15:.3f} PFLOP")
+    for row in report["rows"]:
+        if row["batch"] == 1 and peak:
+            row["tflops"] = flops * args.steps / row["s_per_object"] / 1e12
+            print(f"  {row['mode']}: {row['tflops']:.0f} TFLOP/s = {100 * row['tflops'] / peak:.1f}% of the "
+                  f"{peak:g} TFLOP/s bf16 peak")
+    pipe32, _ = setup("fast-fp32", device)
+    report["part_parity"] = part_parity(pipe32, pipe, images)
+    print(f"\none step's parts, bf16 vs fp32 from the same inputs, relative L2 error: {report['part_parity']}")
+    del pipe32
+    torch.cuda.empty_cache()
+    if args.analyse != "fast":
+        del pipe
+        torch.cuda.empty_cache()
+        pipe, _ = setup(args.analyse, device)
+    report["breakdown_ms"] = breakdown(pipe, images, replace(cfg, cuda_graphs=True))
+    print(f"\n{args.analyse}: one step with each part in its own CUDA graph, batch 1, median ms per step:")
+    for name, ms in report["breakdown_ms"].items():
+        print(f"  {name}: {ms:.2f}")
+    save()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        pipe.sampler_cls = JointSampler
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            pipe(images, seed=0, sampler_cfg=replace(cfg, num_steps=10, cuda_graphs=False))
+            torch.cuda.synchronize()
+        args.profile.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60))
 
 
 if __name__ == "__main__":

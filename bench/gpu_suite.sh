@@ -9,6 +9,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu
 python -m pytest -m gpu -q -rs 2>&1 | tail -40 > "$out/gpu_tests.log"
 python -m gen3diffusion.selfcheck --output "$out/selfcheck.png" > "$out/selfcheck.log" 2>&1
 python bench/bench_render.py --device cuda > "$out/bench_render.log" 2>&1
-python bench/bench_sample.py --dtype bf16 fp32 --batch-sizes 1 --json "$out/bench_sample.json" > "$out/bench_sample.log" 2>&1
-python bench/bench_sample.py --dtype bf16 --batch-sizes 4 --iters 1 >> "$out/bench_sample.log" 2>&1
+python bench/bench_sample.py --modes reference fast --batch-sizes 1 8 --profile "$out/profile.txt" \
+    --json "$out/bench_sample.json" > "$out/bench_sample.log" 2>&1
+python bench/bench_sample.py --modes compile --batch-sizes 1 --analyse none --json "$out/bench_compile.json" \
+    > "$out/bench_compile.log" 2>&1
 tail -3 "$out"/*.log

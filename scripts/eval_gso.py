@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     model.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                        help="network precision (auto: bfloat16 on CUDA, float32 on CPU)")
+    model.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=SamplerConfig.cuda_graphs,
+                       help="replay each step's fixed-shape parts as CUDA graphs (CUDA only; same numbers, faster)")
+    model.add_argument("--compile", action="store_true",
+                       help="torch.compile the networks: about 3 minutes first, then about 1.7x faster sampling")
     ring = p.add_argument_group("ground truth and ring")
     ring.add_argument("--ring-size", type=int, default=e.ring_size, help="views on the elevation-0 ring")
     ring.add_argument("--image-size", type=int, default=e.image_size, help="pixels per side of the compared views")
@@ -117,9 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg, geometry_cfg, mesh_cfg = build_configs(args)
         pipe = Gen3DiffusionPipeline.from_pretrained(args.weights, base=args.base, device=args.device, dtype=dtype)
         pipe.progress = False  # one bar over the objects is enough
+        if pipe.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # cuDNN times its kernels once per shape
+        if args.compile:
+            pipe.compile()
         sampler_cfg = OmegaConf.structured(SamplerConfig(
             num_steps=args.steps, guidance_scale=args.guidance_scale, refine=not args.no_refine,
-            render_size=args.render_size or 2 * pipe.image_size,
+            render_size=args.render_size or 2 * pipe.image_size, cuda_graphs=args.cuda_graphs,
         ))
         evaluator = Evaluator(pipe, cfg, sampler_cfg, mesh_cfg, geometry_cfg)
         summary = evaluator.run(progress=not args.quiet)

@@ -57,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--video", action=argparse.BooleanOptionalAction, default=True, help="write a turntable video")
     p.add_argument("--video-frames", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=1, help="images sampled together")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=SamplerConfig.cuda_graphs,
+                   help="replay each step's fixed-shape parts as CUDA graphs (CUDA only; same numbers, faster)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the networks: minutes of compiling first, then faster steps (many images)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -75,10 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("could not load weights: %s", err)
         return 2
     pipe.progress = not args.quiet
+    if pipe.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # cuDNN times its kernels once per shape (as bench/bench_sample.py)
+    if args.compile:
+        pipe.compile()
     size = pipe.image_size
     sampler_cfg = OmegaConf.structured(SamplerConfig(
         num_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta, refine=not args.no_refine,
-        render_size=args.render_size or 2 * size,
+        render_size=args.render_size or 2 * size, cuda_graphs=args.cuda_graphs,
     ))
     border = args.border_ratio if args.border_ratio is not None else BORDER_RATIO[args.task]
     failures = 0
