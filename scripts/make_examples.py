@@ -1,5 +1,7 @@
 """Write examples/: input views of procedural objects the demo model never saw (object set seed 1; it trained on
-seed 0), as RGBA PNGs at 256 px, seen from the input camera of the training data (radius 1.5, elevation 0).
+seed 0), as RGBA PNGs at 256 px, seen from the input camera of the training data (radius 1.5, elevation 0); and
+photo_coffee.png, a real photograph (scikit-image's ``coffee``: CC0, by Rachel Michetti) cropped to the cup, to show
+the demo model's domain limit.
 
     python scripts/make_examples.py [--output examples] [--indices 0 1 2 3]
 """
@@ -31,6 +33,13 @@ def render_example(index: int, size: int = 256, seed: int = HELD_OUT_SEED) -> tu
     return (rgba.numpy() * 255 + 0.5).astype(np.uint8), out.rgb
 
 
+def photo_example(size: int = 256) -> Image.Image:
+    """scikit-image's ``coffee`` photo (400 x 600, CC0) cropped to a square around the cup, RGB, ``size`` px."""
+    from skimage import data
+
+    return Image.fromarray(data.coffee()[:, 60:460]).resize((size, size), Image.LANCZOS)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", type=Path, default=Path("examples"))
@@ -41,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         rgba, _ = render_example(i)
         Image.fromarray(rgba, "RGBA").save(args.output / f"synthetic_{i}.png")
         print(args.output / f"synthetic_{i}.png")
+    photo_example().save(args.output / "photo_coffee.png")
+    print(args.output / "photo_coffee.png")
 
 
 if __name__ == "__main__":
