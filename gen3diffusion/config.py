@@ -114,6 +114,8 @@ class GaussianUNetConfig:
     norm_num_groups: int = 32
     # input resolution of each view; the Gaussian grid (splat size) follows from the channel lists
     input_size: int = 256
+    # read the MVD's one-step estimate x0~ (Eq. 8); False = the paper's "w/o 2D prior" ablation (Eq. 6), in_channels 9
+    use_prior: bool = True
 
 
 ### sampling

@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--task", choices=sorted(BORDER_RATIO), default=e.task,
                        help="input border ratio (objects 0.45, avatars 0.227) and GT mesh extent (0.8, 1.0)")
     model.add_argument("--border-ratio", type=float, default=None, help="override the task's border ratio")
+    model.add_argument("--no-recenter", action="store_true",
+                       help="take ring view 0 as it is (the bundled demo model was trained on uncropped views)")
     model.add_argument("--steps", type=int, default=SamplerConfig.num_steps, help="DDIM steps")
     model.add_argument("--guidance-scale", type=float, default=SamplerConfig.guidance_scale)
     model.add_argument("--no-refine", action="store_true", help="the paper's ablation without 3D-guided refinement")
@@ -96,7 +98,7 @@ def build_configs(args: argparse.Namespace) -> tuple[EvalConfig, GeometryMetricC
     cfg = EvalConfig(
         data=args.data, output=args.output, object_list=args.object_list, num_objects=args.num_objects,
         overwrite=args.overwrite, weights=args.weights, base=args.base, task=args.task,
-        border_ratio=args.border_ratio, seed=args.seed, ring_size=args.ring_size, image_size=args.image_size,
+        border_ratio=args.border_ratio, recenter=not args.no_recenter, seed=args.seed, ring_size=args.ring_size, image_size=args.image_size,
         gt_supersample=args.gt_supersample, gt_shading=args.gt_shading, mesh_up_axis=args.mesh_up_axis,
         sheet_views=args.sheet_views, geometry=args.geometry, ssim_variant=args.ssim_variant,
         lpips_net=args.lpips_net, lpips_weights=args.lpips_weights, fid_features=args.fid_features,

@@ -16,7 +16,7 @@ import torch
 import trimesh
 from PIL import Image
 
-from gen3diffusion.cameras import Cameras, evaluation_ring, intrinsics_from_fovy, orbit_camera
+from gen3diffusion.cameras import Cameras, evaluation_ring, intrinsics_from_fovy, orbit_camera, target_cameras
 from gen3diffusion.data import DataConfig
 from gen3diffusion.data.multiview import BadObjectError, ObjectViews
 from gen3diffusion.data.synthetic import write_synthetic_dataset
@@ -104,7 +104,7 @@ def test_end_to_end_outputs_and_resume(weights, objects, tmp_path, caplog):
     for name, record in records.items():
         assert record["status"] == "ok", record.get("error")
         m = record["metrics"]
-        assert all(math.isfinite(m[k]) for k in ("psnr", "ssim")), m
+        assert all(math.isfinite(m[k]) for k in ("psnr", "ssim", "mv_psnr")), m
         assert m["lpips"] == "unavailable" and "lpips" in record["unavailable"]
         # the reported per-view PSNR is that of the saved 8-bit views
         folder = out / "renders" / name
@@ -135,6 +135,29 @@ def test_end_to_end_outputs_and_resume(weights, objects, tmp_path, caplog):
         summary["means"]["psnr"], rel=1e-5)
     md = (out / "summary.md").read_text()
     assert "| FID (set-level) | unavailable |" in md and "## Conventions" in md and "3 ok" in md
+
+
+def test_multiview_consistency_is_the_psnr_of_the_views_against_the_gaussians_renders(weights, tmp_path):
+    from gen3diffusion.config import SamplerConfig
+    from gen3diffusion.eval.geometry import GeometryMetricConfig
+    from gen3diffusion.eval.runner import EvalConfig, Evaluator
+    from gen3diffusion.gaussians import activate
+    from gen3diffusion.mesh import MeshConfig
+    from gen3diffusion.pipeline import Gen3DiffusionPipeline
+    from gen3diffusion.render import rasterize
+
+    pipe = Gen3DiffusionPipeline.from_pretrained(weights, device="cpu")
+    evaluator = Evaluator(pipe, EvalConfig(data=str(tmp_path), output=str(tmp_path / "out")), SamplerConfig(),
+                          MeshConfig(), GeometryMetricConfig())
+    gaussians = activate(torch.randn(1, 300, 14, generator=torch.Generator().manual_seed(0)))
+    cams = Cameras.from_fovy(target_cameras(evaluator.radius), evaluator.fovy, TINY_IMAGE_SIZE)
+    views = rasterize(gaussians, cams, background=(1.0, 1.0, 1.0)).rgb[0].clamp(0, 1)  # [4, 3, S, S]
+    assert evaluator._consistency(gaussians, views) == math.inf
+    # views darkened by 10%: MSE = 0.01 mean(v^2) per view, so PSNR = -10 log10(0.01 mean(v^2)), averaged
+    expected = float((-10 * torch.log10(0.01 * views.double().square().flatten(1).mean(1))).mean())
+    assert evaluator._consistency(gaussians, 0.9 * views) == pytest.approx(expected, rel=1e-4)
+    # the other views' cameras do not match: much lower
+    assert evaluator._consistency(gaussians, views.roll(1, dims=0)) < expected
 
 
 def test_broken_object_is_recorded_and_the_rest_finish(weights, tmp_path, caplog):

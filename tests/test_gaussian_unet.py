@@ -273,7 +273,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def tiny_lgm_state(seed: int = 1) -> tuple[GaussianDiffusionModel, dict[str, torch.Tensor]]:
     """A 9-channel model standing in for LGM: its time layers are zeroed (LGM has none) and left out of its
     state dict, whose keys are then exactly LGM's."""
-    lgm = tiny_model(seed, in_channels=9)
+    lgm = tiny_model(seed, in_channels=9, use_prior=False)
     with torch.no_grad():
         for name, p in lgm.named_parameters():
             if ".time_emb_proj." in name:
@@ -401,3 +401,20 @@ def test_cuda_official_size_bf16_autocast_matches_fp32():
         cpu = tiny.forward_raw(**inp)
         gpu = tiny.cuda().forward_raw(**{k: v.cuda() for k, v in inp.items()}).cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-5)  # float32 on both sides; summation order differs
+
+
+def test_model_without_2d_prior_reads_x_t_only():
+    """The "w/o 2D prior" ablation (Eq. 6): 9 input channels, x0_hat must be None, and x0_hat has no influence."""
+    with pytest.raises(ValueError, match="in_channels must be 9"):
+        tiny_model(use_prior=False)
+    model = tiny_model(in_channels=9, use_prior=False).eval()
+    inputs = make_inputs()
+    with pytest.raises(ValueError, match="x0_hat"):
+        model(**inputs)
+    with torch.no_grad():
+        raw = model.forward_raw(**{**inputs, "x0_hat": None})
+        changed = model.forward_raw(**{**inputs, "x0_hat": None, "x_t": inputs["x_t"].flip(-1)})
+    assert raw.shape == (2, 4 * model.splat_size**2, 14) and torch.isfinite(raw).all()
+    assert not torch.allclose(raw, changed)  # x_t does reach the output
+    with pytest.raises(ValueError, match="x0_hat"):
+        tiny_model().forward_raw(**{**inputs, "x0_hat": None})

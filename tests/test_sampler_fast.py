@@ -15,7 +15,7 @@ import torch
 
 from gen3diffusion.config import SamplerConfig
 from gen3diffusion.pipeline import Gen3DiffusionPipeline
-from tiny_weights import TINY_IMAGE_SIZE, load_script, official_pipeline_kwargs, write_official_folder
+from tiny_weights import TINY_IMAGE_SIZE, load_script, official_pipeline_kwargs, tiny_model_3d, write_official_folder
 
 bench_sample = load_script("bench_sample", folder="bench")
 DEMO_PARITY_PSNR_DB = 30.0  # renders of the fast vs the reference Gaussians, and their final views
@@ -64,6 +64,14 @@ def test_reference_mode_separate_decodes_equal_batched_decode(official_dir):
 @pytest.mark.gpu
 def test_cuda_graph_replay_equals_eager(official_dir):
     pipe = tiny_pipe(official_dir, "cuda")
+    alone = Gen3DiffusionPipeline(pipe.mv_unet, pipe.vae, pipe.image_encoder, tiny_model_3d(use_prior=False).eval().cuda(),
+                                  pipe.prompt_embeds, pipe.scheduler_cfg, pipe.cfg)  # the "w/o 2D prior" ablation
+    alone.progress = False
+    for b, seed in ((1, 0), (1, 1)):
+        x = images(b, seed, "cuda")
+        graphed, eager = (alone(x, seed=seed, sampler_cfg=cfg(cuda_graphs=on)) for on in (True, False))
+        assert_same_output(graphed, eager, atol=1e-4)
+    assert len(alone.graphs) == 2  # predict_3d_only + refine
     for refine in (True, False):
         for b, seed in ((1, 0), (1, 1), (2, 2)):  # the second input replays graphs captured for the first
             x = images(b, seed, "cuda")

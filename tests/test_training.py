@@ -42,10 +42,13 @@ def history(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("stage", ["mvd", pytest.param("model_3d", marks=pytest.mark.slow),
-                                   pytest.param("joint", marks=pytest.mark.slow)])
+                                   pytest.param("joint", marks=pytest.mark.slow), "model_3d_without_prior"])
 def test_stage_overfits_one_batch(stage, one_batch):
-    """Fixed batch and fixed draws: 15 Adam steps on the stage's loss bring every loss it trains down."""
-    cfg = tiny_cfg(None, f"train.stage={stage}")
+    """Fixed batch and fixed draws: 15 Adam steps on the stage's loss bring every loss it trains down (also for the
+    3D model of the "w/o 2D prior" ablation, which reads x_t only)."""
+    overrides = ["gaussian_unet.use_prior=false", "gaussian_unet.in_channels=9"] if stage.endswith("prior") else []
+    stage = stage.removesuffix("_without_prior")
+    cfg = tiny_cfg(None, f"train.stage={stage}", *overrides)
     parts = build_parts(cfg, CPU)
     params = [p for name in STAGES[stage] for p in parts.modules[name].parameters()]
     opt = torch.optim.Adam(params, lr=3e-3)
@@ -75,6 +78,13 @@ def test_joint_3d_loss_reaches_mvd_through_x0(detach, one_batch):
     reached = any(g is not None and g.abs().sum() > 0 for g in grads)
     assert reached is not detach
     assert all(p.grad is not None for p in parts.model_3d.parameters() if p.requires_grad)
+
+
+def test_joint_stage_refuses_a_3d_model_without_prior(one_batch):
+    cfg = tiny_cfg(None, "train.stage=joint", "gaussian_unet.use_prior=false", "gaussian_unet.in_channels=9")
+    parts = build_parts(cfg, CPU)
+    with pytest.raises(ValueError, match="use_prior"):
+        train_step("joint", parts.modules, parts.context, one_batch, batch_generator(0, 0))
 
 
 def test_mvd_step_layout(one_batch):
@@ -287,6 +297,12 @@ def test_paper_defaults():
     assert (o.weight_decay, list(o.betas), o.schedule, o.max_grad_norm) == (0.05, [0.9, 0.95], "cosine", 1.0)
     assert t.batch_size * t.gradient_accumulation_steps * 8 == 256 and t.cond_drop_prob == 0.2
     assert t.mixed_precision == "bf16" and not t.detach_x0 and t.render_targets
+
+
+def test_mixed_precision_no_from_the_command_line():
+    assert load_train_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ValueError, match="mixed_precision"):
+        load_train_config(None, ["train.mixed_precision=fp64"])
 
 
 def test_config_errors_name_the_key():

@@ -41,9 +41,12 @@ def tiny_mv_unet(seed: int = 0, **overrides) -> MultiViewUNet:
     return randomize(MultiViewUNet(**{**tiny_section("mv_unet", MVUNetConfig), **overrides}), seed)
 
 
-def tiny_model_3d(seed: int = 0, std: float = 0.05) -> GaussianDiffusionModel:
+def tiny_model_3d(seed: int = 0, std: float = 0.05, use_prior: bool = True) -> GaussianDiffusionModel:
+    """The tiny 3D model; ``use_prior=False``: the "w/o 2D prior" ablation's (9 input channels)."""
     torch.manual_seed(seed)
-    return randomize(GaussianDiffusionModel(**tiny_section("gaussian_unet", GaussianUNetConfig)), seed, std)
+    config = {**tiny_section("gaussian_unet", GaussianUNetConfig), "use_prior": use_prior}
+    config["in_channels"] = 12 if use_prior else 9
+    return randomize(GaussianDiffusionModel(**config), seed, std)
 
 
 def tiny_vae() -> AutoencoderKL:

@@ -31,6 +31,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -69,12 +70,14 @@ class BadObjectError(ValueError):
 ### writing
 
 
-def write_object(folder: str | Path, rgba: Tensor, c2w: Tensor, K: Tensor, *, overwrite: bool = False) -> Path:
+def write_object(folder: str | Path, rgba: Tensor, c2w: Tensor, K: Tensor, *, overwrite: bool = False,
+                 extra_files: Mapping[str, bytes] | None = None) -> Path:
     """Write one object atomically: views to a hidden temporary folder, then a rename onto ``folder``.
 
     ``rgba [V, 4, H, W]`` float in [0, 1] (straight alpha) or uint8; ``c2w [V, 4, 4]`` OpenGL camera-to-world,
     world y-up; ``K [V, 3, 3]`` or ``[3, 3]`` pixel intrinsics. Cameras are stored as float64 so they read back
-    exactly. An existing ``folder`` raises FileExistsError unless ``overwrite``.
+    exactly. An existing ``folder`` raises FileExistsError unless ``overwrite``. ``extra_files`` (name -> bytes, e.g.
+    a GT mesh) are written into the folder with the views, so they appear together.
     """
     folder = Path(folder)
     if rgba.ndim != 4 or rgba.shape[1] != 4:
@@ -104,6 +107,8 @@ def write_object(folder: str | Path, rgba: Tensor, c2w: Tensor, K: Tensor, *, ov
             )  # fmt: skip
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "views": views}
         (tmp / CAMERAS_FILE).write_text(json.dumps(meta, indent=1))
+        for name, payload in (extra_files or {}).items():
+            (tmp / name).write_bytes(payload)
         if folder.exists():
             old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
             folder.rename(old)

@@ -472,9 +472,13 @@ def rig_cameras(
 
 
 def write_synthetic_dataset(
-    cfg: DataConfig, output: str | Path, resolution: int = 512, num_spiral: int = 32, overwrite: bool = False
+    cfg: DataConfig, output: str | Path, resolution: int = 512, num_spiral: int = 32, overwrite: bool = False,
+    mesh_resolution: int | None = None,
 ) -> int:
     """Render objects ``0 .. cfg.num_objects - 1`` with :func:`rig_cameras` into ``output/synthetic_{i:06d}/``.
+
+    With ``mesh_resolution`` each folder also gets ``mesh.glb``, the surface by marching cubes on that grid
+    (``data/synthetic_mesh.py``; y-up glTF, which ``scripts/eval_gso.py`` takes as the GT mesh).
 
     Uses ``cfg.seed``, ``cfg.task`` / ``max_extent``, ``radius``, ``fovy``, ``elevation_range``, ``supersample``
     and ``device``. Existing object folders are kept unless ``overwrite`` (so an interrupted run resumes).
@@ -493,7 +497,14 @@ def write_synthetic_dataset(
             continue
         out = render_object(make_object(index, cfg.seed, max_extent(cfg)), cameras, cfg.supersample)
         rgba = torch.cat([(out.rgb - (1 - out.mask)) / out.mask.clamp(min=1e-6), out.mask], dim=1)  # un-composite
-        write_object(folder, rgba.clamp(0, 1).cpu(), c2w.cpu(), cameras.K.cpu(), overwrite=overwrite)
+        extra = {}
+        if mesh_resolution:
+            from gen3diffusion.data.synthetic_mesh import object_mesh
+
+            extra["mesh.glb"] = object_mesh(make_object(index, cfg.seed, max_extent(cfg)), mesh_resolution).export(
+                file_type="glb")
+        write_object(folder, rgba.clamp(0, 1).cpu(), c2w.cpu(), cameras.K.cpu(), overwrite=overwrite,
+                     extra_files=extra)
         written += 1
         logger.info("wrote %s (%d/%d)", folder.name, index + 1, cfg.num_objects)
     return written
@@ -509,13 +520,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-spiral", type=int, default=32, help="spiral views besides the 32-view ring")
     parser.add_argument("--supersample", type=int, default=2, help="rays per pixel per axis (antialiasing)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mesh-resolution", type=int, default=None,
+                        help="also write mesh.glb (marching cubes on this grid, e.g. 128): the GT for eval_gso.py")
     parser.add_argument("--overwrite", action="store_true", help="re-render objects whose folder exists")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = DataConfig(
         num_objects=args.num_objects, seed=args.seed, task=args.task, supersample=args.supersample, device=args.device
     )
-    written = write_synthetic_dataset(cfg, args.output, args.resolution, args.num_spiral, args.overwrite)
+    written = write_synthetic_dataset(cfg, args.output, args.resolution, args.num_spiral, args.overwrite,
+                                      args.mesh_resolution)
     logger.info("%d objects written to %s", written, args.output)
 
 

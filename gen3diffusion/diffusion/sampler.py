@@ -14,7 +14,8 @@ Notation (paper -> code):
 Every DDIM step: CFG on the MVD -> x0~ -> decode x0~ and x_t -> 3D model -> Gaussians -> render the V target views ->
 VAE-encode -> x0^ -> eps^ for the V targets (the input frame keeps the MVD's eps) -> ``scheduler.step``. After the
 loop one more pass at the last timestep gives the output Gaussians. With ``refine=False`` the loop is plain
-ImageDream sampling and only the final pass runs the 3D model.
+ImageDream sampling and only the final pass runs the 3D model. A 3D model trained without the 2D prior
+(``use_prior=False``) samples on its own: decode x_t -> 3D model -> render -> encode -> eps^, no MVD.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class StepOutput:
 
     x_prev: Tensor  # [B, F, 4, h, w]
     eps: Tensor  # [B, F, 4, h, w] the noise passed to scheduler.step
-    x0_2d: Tensor  # [B, V, 4, h, w] MVD one-step estimate (Eq. 3)
+    x0_2d: Optional[Tensor]  # [B, V, 4, h, w] MVD one-step estimate (Eq. 3); None without the 2D prior
     x0_used: Tensor  # [B, F, 4, h, w] scheduler's pred_original_sample
     x0_3d: Optional[Tensor] = None  # [B, V, 4, h, w] VAE encoding of the renders (refine only)
     gaussians: Optional[Gaussians] = None  # refine only
@@ -141,6 +142,12 @@ class JointSampler:
     def dtype(self) -> torch.dtype:
         return next(self.mv_unet.parameters()).dtype
 
+    @property
+    def uses_prior(self) -> bool:
+        """False for a 3D model trained without the 2D prior (the paper's ablation): then the MVD never runs and the
+        loop is the 3D model's own sampling, x_t of the V target views denoised toward its re-encoded renders."""
+        return getattr(self.model_3d.config, "use_prior", True)
+
     # --- the parts of one step (tensor in, tensor out; ``t`` and ``alpha_bar_t`` are 0-dim tensors) ------------
 
     def mvd_eps(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
@@ -173,20 +180,27 @@ class JointSampler:
         )  # [B, N, 14]
         return eps, x0_2d, raw, xt_images
 
-    def refine_eps(self, rgb: Tensor, noise: Tensor | None, x_t: Tensor, alpha_bar_t: Tensor,
-                   eps: Tensor) -> tuple[Tensor, Tensor]:
+    def predict_gaussians_3d_only(self, x_t: Tensor, t: Tensor, cond: Conditioning,
+                                  rays: Tensor) -> tuple[Tensor, Tensor]:
+        """Without the 2D prior (a 3D model trained with ``use_prior=False``, Eq. 6): decode x_t [B, V, 4, h, w] ->
+        3D model. Returns the raw Gaussians [B, N, 14] and the decoded x_t views [B, V, 3, H, W]."""
+        B = x_t.shape[0]
+        xt_images = self.decode(x_t)  # [B, V, 3, H, W]
+        raw = self.model_3d.forward_raw(None, xt_images.to(self.dtype), rays.expand(B, -1, -1, -1, -1).to(self.dtype),
+                                        t.reshape(1).expand(B), cond.image.to(self.dtype))
+        return raw, xt_images
+
+    def refine_eps(self, rgb: Tensor, noise: Tensor | None, x_t: Tensor, alpha_bar_t: Tensor) -> tuple[Tensor, Tensor]:
         """Renders [B, V, 3, s, s] -> resize to the image size -> VAE-encode: x0^ -> eps^ (Eq. 10) for the V targets.
 
-        ``noise`` is the posterior draw (None: the posterior mean). Returns the noise for the DDIM update
-        [B, F, 4, h, w] (the input frame keeps the MVD's) and x0^ [B, V, 4, h, w]."""
+        ``noise`` is the posterior draw (None: the posterior mean). Returns eps^ and x0^, both [B, V, 4, h, w]."""
         V = self.num_views
         size = self.image_size
         if tuple(rgb.shape[-2:]) != (size, size):
             rgb = F.interpolate(rgb.flatten(0, 1), size=(size, size), mode="bilinear",
                                 align_corners=False).unflatten(0, rgb.shape[:2])
         x0_3d = self.encode(rgb, noise)  # [B, V, 4, h, w]
-        eps = torch.cat([eps_from_x0(x_t[:, :V], x0_3d, alpha_bar_t), eps[:, V:]], dim=1)
-        return eps, x0_3d
+        return eps_from_x0(x_t[:, :V], x0_3d, alpha_bar_t), x0_3d
 
     def render(self, raw: Tensor, cameras: Cameras) -> Tensor:
         """The V target views [B, V, 3, s, s] of the Gaussians, on white, clamped to [0, 1]."""
@@ -196,16 +210,20 @@ class JointSampler:
     # --- one step and the whole loop ---------------------------------------------------------------------------
 
     def step(self, x_t: Tensor, t: int, cond: Conditioning, generators: list[torch.Generator]) -> StepOutput:
-        """One step of Algorithm 2 at timestep ``t``."""
+        """One step of Algorithm 2 at timestep ``t`` (without the 2D prior: of the 3D model's own sampling loop)."""
         V = self.num_views
         t_dev, alpha_bar_t = self.timestep_tensors[t], self.alphas_cumprod[t]  # 0-dim views on the device: no copies
-        x0_3d = gaussians = None
-        if self.cfg.refine:
-            eps, x0_2d, raw, _ = self._run("predict", self.predict_gaussians, x_t, t_dev, alpha_bar_t, cond,
-                                           self.rays)
+        x0_2d = x0_3d = gaussians = None
+        if not self.uses_prior or self.cfg.refine:
+            if self.uses_prior:
+                eps, x0_2d, raw, _ = self._run("predict", self.predict_gaussians, x_t, t_dev, alpha_bar_t, cond,
+                                               self.rays)
+            else:
+                raw, _ = self._run("predict_3d_only", self.predict_gaussians_3d_only, x_t, t_dev, cond, self.rays)
             rgb = self.render(raw, self.render_cameras)  # [B, V, 3, s, s]
             noise = self.posterior_noise(generators, V, x_t.device)
-            eps, x0_3d = self._run("refine", self.refine_eps, rgb, noise, x_t, alpha_bar_t, eps)
+            eps_3d, x0_3d = self._run("refine", self.refine_eps, rgb, noise, x_t, alpha_bar_t)
+            eps = torch.cat([eps_3d, eps[:, V:]], dim=1) if self.uses_prior else eps_3d  # the input frame keeps its eps
             gaussians = activate(raw)
         else:
             (eps,) = self._run("mvd", lambda *a: (self.mvd_eps(*a),), x_t, t_dev, cond)
@@ -230,7 +248,8 @@ class JointSampler:
         h, w = cond.mv.ip_img.shape[-2:]
         self.scheduler.set_timesteps(self.cfg.num_steps, device=device)
         cond = self.prepare(cond)
-        x_t = self._noise(generators, (self.num_frames, self.mv_unet.config.in_channels, h, w), device)  # [B, F, 4, h, w]
+        frames = self.num_frames if self.uses_prior else self.num_views  # 3D-only sampling has no input frame
+        x_t = self._noise(generators, (frames, self.mv_unet.config.in_channels, h, w), device)  # [B, F, 4, h, w]
         x_t = x_t * self.scheduler.init_noise_sigma
         timesteps = [int(t) for t in self.scheduler.timesteps]
         for i, t in enumerate(tqdm(timesteps, desc="denoising", leave=False, disable=not self.progress)):
@@ -242,8 +261,12 @@ class JointSampler:
 
     def final_pass(self, x_t: Tensor, t: int, cond: Conditioning) -> SamplerOutput:
         """One more MVD pass at the last timestep; its x0~ and the final latents give the output Gaussians."""
-        _, _, raw, views = self._run("predict", self.predict_gaussians, x_t, self.timestep_tensors[t],
-                                     self.alphas_cumprod[t], cond, self.rays)
+        if self.uses_prior:
+            _, _, raw, views = self._run("predict", self.predict_gaussians, x_t, self.timestep_tensors[t],
+                                         self.alphas_cumprod[t], cond, self.rays)
+        else:
+            raw, views = self._run("predict_3d_only", self.predict_gaussians_3d_only, x_t, self.timestep_tensors[t],
+                                   cond, self.rays)
         return SamplerOutput(gaussians=activate(raw), views=views.float(), latents=x_t)
 
     # --- helpers -----------------------------------------------------------------------------------------------

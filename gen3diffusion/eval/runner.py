@@ -41,7 +41,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from gen3diffusion.cameras import Cameras, blender_to_opengl, evaluation_ring, invert_rigid
+from gen3diffusion.cameras import Cameras, blender_to_opengl, evaluation_ring, invert_rigid, target_cameras
 from gen3diffusion.config import SamplerConfig, to_dict
 from gen3diffusion.data import DataConfig, max_extent
 from gen3diffusion.data.multiview import (
@@ -68,7 +68,7 @@ MESH_SUFFIXES = (".obj", ".glb", ".gltf", ".ply")
 Y_UP_SUFFIXES = (".glb", ".gltf")  # glTF is y-up by specification; other files follow GSO (Gazebo models, z-up)
 GSO_MESH = Path("meshes") / "model.obj"
 GSO_TEXTURE = Path("materials") / "textures" / "texture.png"
-IMAGE_METRICS = ("psnr", "ssim", "lpips")
+IMAGE_METRICS = ("psnr", "ssim", "lpips", "mv_psnr")  # mv_psnr: the generated views against the Gaussians' renders
 GEOMETRY_METRICS = ("chamfer", "p2s", "normal_consistency", "fscore", "precision", "recall")
 UNAVAILABLE = "unavailable"
 # settings that steer a run but not its numbers: changing them between resumed runs is expected
@@ -104,6 +104,9 @@ class EvalConfig:
     # override the task's border ratio / mesh extent
     border_ratio: float | None = None
     mesh_extent: float | None = None
+    # recentre and rescale the input view with the border ratio (False: take ring view 0 as it is, as the
+    # bundled demo model, trained on uncropped views, needs)
+    recenter: bool = True
     # sampling seed (every object uses the same one)
     seed: int = 0
     # evaluation ring: views, elevation (deg); radius and fovy come from the weights' camera config
@@ -578,7 +581,8 @@ class Evaluator:
         seconds["ground_truth"] = time.perf_counter() - tick
         # 2. sample from ring view 0
         tick = time.perf_counter()
-        image = preprocess_image(gt.input_image, cfg.input_border_ratio, pipe.image_size, name=source.name)
+        image = preprocess_image(gt.input_image, cfg.input_border_ratio, pipe.image_size, cfg.recenter,
+                                 name=source.name)
         result = pipe(image[None], seed=cfg.seed, sampler_cfg=self.sampler_cfg)
         gaussians = result.gaussians[0].to(torch.float32)
         seconds["sample"] = time.perf_counter() - tick
@@ -586,6 +590,7 @@ class Evaluator:
         tick = time.perf_counter()
         pred_u8, gt_u8 = to_uint8(self._render_ring(gaussians)), to_uint8(gt.views)  # [R, S, S, 3] each
         metrics, per_view, unavailable = self._image_metrics(_from_uint8(pred_u8), _from_uint8(gt_u8))
+        metrics["mv_psnr"] = self._consistency(gaussians, result.views[0])
         seconds["image_metrics"] = time.perf_counter() - tick
         # 4. the predicted mesh against the GT mesh
         extra: dict[str, Any] = {}
@@ -612,6 +617,15 @@ class Evaluator:
                            background=(1.0, 1.0, 1.0), cfg=self.pipe.cfg.render).rgb[0]
                  for i in range(0, len(cams.c2w), chunk)]
         return torch.cat(views)
+
+    @torch.no_grad()
+    def _consistency(self, gaussians: Gaussians, views: Tensor) -> float:
+        """Multi-view consistency: PSNR of the final generated views [V, 3, H, W] against renders of the output
+        Gaussians from the same V target cameras (mean over views)."""
+        V, _, H, W = views.shape
+        cams = Cameras.from_fovy(target_cameras(self.radius).to(gaussians.device), self.fovy, W, H)
+        render = rasterize(gaussians, cams, background=(1.0, 1.0, 1.0), cfg=self.pipe.cfg.render).rgb[0]
+        return float(psnr(render.clamp(0, 1).cpu(), views.float().cpu()).double().mean())
 
     def _image_metrics(self, pred: Tensor, gt: Tensor) -> tuple[dict, dict, dict]:
         """Means over the ring, per-view values and unavailable metrics of pred, gt [R, 3, S, S] in [0, 1]."""
@@ -694,7 +708,8 @@ class Evaluator:
         return [
             f"ring: {cfg.ring_size} views at elevation {cfg.ring_elevation:g} deg, azimuth k x {step:g} deg from the "
             f"input view (k = 0), radius {self.radius:g}, fovy {self.fovy:g} deg, {size}x{size} px, white background",
-            f"input: ring view 0, recentred with border ratio {cfg.input_border_ratio:g} to {self.pipe.image_size} px;"
+            f"input: ring view 0, " + (f"recentred with border ratio {cfg.input_border_ratio:g}" if cfg.recenter
+                                         else "not recentred") + f", to {self.pipe.image_size} px;"
             f" seed {cfg.seed}; {sampler.num_steps} DDIM steps, guidance {sampler.guidance_scale:g}, "
             f"refinement {'on' if sampler.refine else 'off'}; weights {cfg.weights or '-'}",
             f"GT meshes: up axis {cfg.mesh_up_axis} (auto: y for glTF, z otherwise), centred, max extent "
@@ -756,7 +771,8 @@ def _read_views(folder: Path, prefix: str, count: int) -> Tensor:
 
 
 SUMMARY_COLUMNS = ("name", "status", "source", *IMAGE_METRICS, *GEOMETRY_METRICS, "seconds", "error")
-METRIC_LABELS = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "chamfer": "Chamfer", "p2s": "P2S",
+METRIC_LABELS = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "mv_psnr": "MV consistency PSNR",
+                 "chamfer": "Chamfer", "p2s": "P2S",
                  "normal_consistency": "NC", "fscore": "F-score", "precision": "precision", "recall": "recall"}
 
 

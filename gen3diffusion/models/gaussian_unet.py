@@ -278,7 +278,8 @@ class GaussianDiffusionModel(ModelMixin, ConfigMixin):
     ImageNet-normalised; the clean input image is appended as view V with itself in both RGB slots, zero rays and
     timestep 0, so that every attention layer can look at it. The U-Net predicts 14 channels per pixel of an S x S
     grid per view; the context view's pixels are dropped, the rest become V * S * S Gaussians, ordered view-major,
-    then row, then column.
+    then row, then column. With ``use_prior=False`` (the paper's ablation "w/o 2D prior", Eq. 6) the x0_hat slot is
+    left out: 9 channels [x_t RGB | Plücker], the context view [image | zero rays].
 
     Args (the fields of ``GaussianUNetConfig``; defaults: the authors' model, LGM big plus time conditioning):
         in_channels: channels per view (12).
@@ -291,6 +292,7 @@ class GaussianDiffusionModel(ModelMixin, ConfigMixin):
         time_freq_dim, time_embed_dim: sinusoidal feature width (64) and time-embedding width (256).
         norm_num_groups: GroupNorm groups (32).
         input_size: resolution of each input view (256); the splat grid is ``splat_size``.
+        use_prior: read the MVD's one-step estimate x0_hat (Eq. 8; True) or not (Eq. 6; in_channels 9).
     """
 
     _supports_gradient_checkpointing = True
@@ -312,8 +314,12 @@ class GaussianDiffusionModel(ModelMixin, ConfigMixin):
         time_embed_dim: int = 256,
         norm_num_groups: int = 32,
         input_size: int = 256,
+        use_prior: bool = True,
     ) -> None:
         super().__init__()
+        if in_channels != (12 if use_prior else 9):
+            raise ValueError(f"in_channels must be {12 if use_prior else 9} with use_prior={use_prior} "
+                             f"([x0 RGB | x_t RGB | Plücker 6] or [x_t RGB | Plücker 6]), got {in_channels}")
         if out_channels != 14:
             raise ValueError(f"out_channels must be 14 (xyz 3, opacity 1, scale 3, rotation 4, rgb 3), "
                              f"got {out_channels}")
@@ -342,14 +348,18 @@ class GaussianDiffusionModel(ModelMixin, ConfigMixin):
         channels = [(rgb[..., c, :, :] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))]
         return torch.stack(channels, dim=-3)
 
-    def _check_inputs(self, x0_hat: Tensor, x_t: Tensor, rays: Tensor, t: Tensor, context: Tensor) -> None:
-        if x0_hat.ndim != 5 or x0_hat.shape[2] != 3:
-            raise ValueError(f"x0_hat must be [B, V, 3, H, W], got {tuple(x0_hat.shape)}")
-        b, v, _, h, w = x0_hat.shape
+    def _check_inputs(self, x0_hat: Tensor | None, x_t: Tensor, rays: Tensor, t: Tensor, context: Tensor) -> None:
+        if (x0_hat is None) == self.config.use_prior:
+            raise ValueError("x0_hat is required with use_prior=True and must be None with use_prior=False")
+        if x_t.ndim != 5 or x_t.shape[2] != 3:
+            raise ValueError(f"x_t must be [B, V, 3, H, W], got {tuple(x_t.shape)}")
+        b, v, _, h, w = x_t.shape
         size = self.config.input_size
         if (h, w) != (size, size):
             raise ValueError(f"views must be {size}x{size} (input_size), got {h}x{w}")
-        expected = {"x_t": (x_t, (b, v, 3, h, w)), "rays": (rays, (b, v, 6, h, w)), "context": (context, (b, 3, h, w))}
+        expected = {"rays": (rays, (b, v, 6, h, w)), "context": (context, (b, 3, h, w))}
+        if x0_hat is not None:
+            expected["x0_hat"] = (x0_hat, (b, v, 3, h, w))
         for name, (tensor, shape) in expected.items():
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"{name} must be {list(shape)} to match x0_hat {tuple(x0_hat.shape)}, "
@@ -357,32 +367,33 @@ class GaussianDiffusionModel(ModelMixin, ConfigMixin):
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != b):
             raise ValueError(f"t must be [B={b}] or a scalar, got {tuple(t.shape)}")
 
-    def build_input(self, x0_hat: Tensor, x_t: Tensor, rays: Tensor, t: Tensor,
+    def build_input(self, x0_hat: Tensor | None, x_t: Tensor, rays: Tensor, t: Tensor,
                     context: Tensor) -> tuple[Tensor, Tensor]:
         """The U-Net input: V target views plus the context view last, and one timestep per view (context: 0).
 
         Returns ``x`` [B*(V+1), 12, H, W] and ``timesteps`` [B*(V+1)] (float).
         """
         self._check_inputs(x0_hat, x_t, rays, t, context)
-        b, v = x0_hat.shape[:2]
-        views = torch.cat([self._normalize_rgb(x0_hat), self._normalize_rgb(x_t), rays], dim=2)  # [B, V, 12, H, W]
+        b, v = x_t.shape[:2]
+        rgb = [x_t] if x0_hat is None else [x0_hat, x_t]
+        views = torch.cat([*map(self._normalize_rgb, rgb), rays], dim=2)  # [B, V, 12 (9 without prior), H, W]
         ctx = self._normalize_rgb(context)  # [B, 3, H, W]
-        ctx_view = torch.cat([ctx, ctx, torch.zeros_like(rays[:, 0])], dim=1)[:, None]  # [B, 1, 12, H, W]
+        ctx_view = torch.cat([ctx] * len(rgb) + [torch.zeros_like(rays[:, 0])], dim=1)[:, None]  # [B, 1, C, H, W]
         x = torch.cat([views, ctx_view.to(views.dtype)], dim=1).flatten(0, 1)  # [B*(V+1), 12, H, W]
         t = t.to(device=x.device, dtype=torch.float32).expand(b)
         timesteps = torch.cat([t[:, None].expand(b, v), t.new_zeros(b, 1)], dim=1).flatten()  # [B*(V+1)]
         return x, timesteps
 
-    def forward_raw(self, x0_hat: Tensor, x_t: Tensor, rays: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def forward_raw(self, x0_hat: Tensor | None, x_t: Tensor, rays: Tensor, t: Tensor, context: Tensor) -> Tensor:
         """The 14 raw (pre-activation) channels of the target views' Gaussians, [B, V*S*S, 14] in float32."""
-        b, v = x0_hat.shape[:2]
+        b, v = x_t.shape[:2]
         x, timesteps = self.build_input(x0_hat, x_t, rays, t, context)
         out = self.conv(self.unet(x.to(self.dtype), timesteps, num_views=v + 1))  # [B*(V+1), 14, S, S]
         s = out.shape[-1]
         out = out.view(b, v + 1, out.shape[1], s, s)[:, :v]  # drop the context view: [B, V, 14, S, S]
         return out.permute(0, 1, 3, 4, 2).reshape(b, v * s * s, out.shape[2]).float()  # [B, V*S*S, 14]
 
-    def forward(self, x0_hat: Tensor,   # [B, V, 3, H, W] clean estimate in [0, 1]
+    def forward(self, x0_hat: Tensor | None,  # [B, V, 3, H, W] clean estimate in [0, 1] (None without prior)
                 x_t: Tensor,            # [B, V, 3, H, W] decoded noisy views in [0, 1]
                 rays: Tensor,           # [B, V, 6, H, W] Plücker maps of the V target cameras
                 t: Tensor,              # [B] timesteps (the context view always gets 0)

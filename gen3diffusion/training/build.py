@@ -63,6 +63,9 @@ class WeightsConfig:
     prompt_cache: str | None = None
     # a folder holding vae/ (e.g. the output of scripts/train_vae.py), used when imagedream gives none
     vae: str | None = None
+    # with init_from: build the 3D model fresh from gaussian_unet instead of loading it (e.g. the "w/o 2D prior"
+    # ablation, gaussian_unet.use_prior=false, next to a trained MVD)
+    fresh_model_3d: bool = False
 
 
 @dataclass
@@ -119,10 +122,16 @@ def load_train_config(preset: str | Path | None = None, overrides: Sequence[str]
         if model_preset:
             models = OmegaConf.load(resolve_preset(model_preset))
             cfg = OmegaConf.merge(cfg, {k: models[k] for k in MODEL_SECTIONS if k in models})
-        return OmegaConf.merge(cfg, layer, cli)  # type: ignore[return-value]
+        cfg = OmegaConf.merge(cfg, layer, cli)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         raise ValueError(f"config error: {str(err).splitlines()[0]}" + (f" (key: {key})" if key else "")) from err
+    if cfg.train.mixed_precision == "False":  # YAML and the command line read a bare `no` as false
+        cfg.train.mixed_precision = "no"
+    if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"config error: train.mixed_precision must be no, bf16 or fp16, got "
+                         f"{cfg.train.mixed_precision!r}")
+    return cfg  # type: ignore[return-value]
 
 
 ### building
@@ -184,7 +193,11 @@ def _load_models(cfg: DictConfig) -> tuple[nn.Module, nn.Module, nn.Module, nn.M
         root = Path(w.init_from)
         # fp32 master weights, also from a folder stored in half precision (e.g. weights/demo)
         mv_unet = MultiViewUNet.from_pretrained(root / "mv_unet").to(torch.float32)
-        model_3d = GaussianDiffusionModel.from_pretrained(root / "model_3d").to(torch.float32)
+        if w.fresh_model_3d:
+            model_3d = GaussianDiffusionModel(**to_dict(cfg.gaussian_unet))
+            logger.warning("model_3d: randomly initialised from gaussian_unet (weights.fresh_model_3d)")
+        else:
+            model_3d = GaussianDiffusionModel.from_pretrained(root / "model_3d").to(torch.float32)
         vae, image_encoder = load_vae(root), load_image_encoder(root)
         prompt_embeds = read_prompt_embeddings(root / "prompt_embeds.safetensors", cfg.prompts)
         if prompt_embeds is None:

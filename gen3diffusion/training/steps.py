@@ -190,7 +190,15 @@ def _loss_3d(ctx: TrainContext, gaussians: Gaussians, batch: dict[str, Any],
     return merged
 
 
-def _model_3d(model_3d: nn.Module, x0_images: Tensor, xt_images: Tensor, t: Tensor, batch: dict[str, Any]) -> Gaussians:
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP / compile wrapper (for its config)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def _model_3d(model_3d: nn.Module, x0_images: Tensor | None, xt_images: Tensor, t: Tensor,
+              batch: dict[str, Any]) -> Gaussians:
     """Eq. 8: the 3D-GS model on decoded [0, 1] views with the targets' Plücker rays and the clean input image."""
     return model_3d(x0_images, xt_images, batch["target_rays"], t, batch["input_image"])
 
@@ -211,15 +219,19 @@ def train_step_mvd(mvd: nn.Module, ctx: TrainContext, batch: dict[str, Any], gen
 
 def train_step_3d(model_3d: nn.Module, ctx: TrainContext, batch: dict[str, Any], generator: torch.Generator,
                   images: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-    """Stage B: the 3D-GS model on [VAE reconstruction of the targets | decoded x_t], Eq. 7 loss."""
+    """Stage B: the 3D-GS model on [VAE reconstruction of the targets | decoded x_t], Eq. 7 loss. A model without
+    the 2D prior (``use_prior=False``, the paper's ablation, Eq. 6) reads the decoded x_t only."""
     noisy = _diffuse_targets(ctx, batch, generator, t_min=1)
     V = noisy.latents.shape[1]
+    use_prior = _unwrap(model_3d).config.use_prior
     with torch.no_grad():
-        decoded = _decode(ctx.vae, torch.cat([noisy.latents, noisy.x_t], dim=1))  # [B, 2V, 3, H, W]
-    x0_images, xt_images = decoded[:, :V], decoded[:, V:]
+        decoded = _decode(ctx.vae, torch.cat([noisy.latents, noisy.x_t] if use_prior else [noisy.x_t], dim=1))
+    x0_images, xt_images = (decoded[:, :V], decoded[:, V:]) if use_prior else (None, decoded)  # [B, V, 3, H, W]
     gaussians = _model_3d(model_3d, x0_images, xt_images, noisy.t, batch)
     if images is not None:
-        images.update(input=batch["input_image"][:, None], target=batch["target_images"], x_t=xt_images, x0=x0_images)
+        images.update(input=batch["input_image"][:, None], target=batch["target_images"], x_t=xt_images)
+        if use_prior:
+            images["x0"] = x0_images
     losses = _loss_3d(ctx, gaussians, batch, images)
     return {**losses, "loss_3d": losses["loss"]}
 
@@ -227,6 +239,9 @@ def train_step_3d(model_3d: nn.Module, ctx: TrainContext, batch: dict[str, Any],
 def train_step_joint(mvd: nn.Module, model_3d: nn.Module, ctx: TrainContext, batch: dict[str, Any],
                      generator: torch.Generator, images: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Stage C: loss_mvd + loss_3d (Eq. 9); the 3D model reads the MVD's x0~, with gradient unless ``detach_x0``."""
+    if not _unwrap(model_3d).config.use_prior:
+        raise ValueError("stage joint needs a 3D model that reads the 2D prior (gaussian_unet.use_prior=true); "
+                         "a model without it trains in stage model_3d only")
     noisy = _diffuse_targets(ctx, batch, generator, t_min=0)
     V = noisy.latents.shape[1]
     eps_pred = _mvd_eps(mvd, ctx, batch, noisy, generator)  # [B, F, 4, h, w]
