@@ -171,18 +171,27 @@ class Gen3DiffusionPipeline:
         return cls(mv_unet, vae, image_encoder, model_3d, prompts, scheduler_cfg, cfg)
 
     def save_pretrained(self, folder: str | Path) -> Path:
-        """Write this project's layout (loadable by :meth:`from_pretrained` and ``scripts/sample.py --weights``)."""
+        """Write this project's layout (loadable by :meth:`from_pretrained` and ``scripts/sample.py --weights``),
+        atomically: into a hidden sibling folder, then renamed over ``folder`` (an existing one is replaced)."""
+        import shutil
+
         from .models.conditioning import save_prompt_embeddings
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.mv_unet.save_pretrained(folder / "mv_unet")
-        self.model_3d.save_pretrained(folder / "model_3d")
-        self.vae.save_pretrained(folder / "vae")
-        self.image_encoder.save_pretrained(folder / "image_encoder")
-        build_scheduler(self.scheduler_cfg).save_pretrained(folder / "scheduler")
-        save_prompt_embeddings(folder / "prompt_embeds.safetensors", self.prompt_embeds, self.cfg.prompts)
-        OmegaConf.save(self.cfg, folder / "gen3d.yaml")
+        tmp = folder.with_name(f".tmp-{folder.name}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        self.mv_unet.save_pretrained(tmp / "mv_unet")
+        self.model_3d.save_pretrained(tmp / "model_3d")
+        self.vae.save_pretrained(tmp / "vae")
+        self.image_encoder.save_pretrained(tmp / "image_encoder")
+        build_scheduler(self.scheduler_cfg).save_pretrained(tmp / "scheduler")
+        save_prompt_embeddings(tmp / "prompt_embeds.safetensors", self.prompt_embeds.detach().cpu(), self.cfg.prompts)
+        OmegaConf.save(self.cfg, tmp / "gen3d.yaml")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
         return folder
 
     def use_channels_last(self) -> "Gen3DiffusionPipeline":

@@ -231,7 +231,7 @@ def test_export_layout_reloads_identically_and_initialises_training(tmp_path, on
     parts = build_parts(cfg, CPU)  # fresh random models (same seed as the run's init)
     export = tmp_path / "export"
     ckpt.export_models(export, mv_unet=parts.mv_unet, model_3d=parts.model_3d, vae=parts.context.vae,
-                       image_encoder=parts.context.image_encoder, scheduler=parts.context.scheduler,
+                       image_encoder=parts.context.image_encoder,
                        prompt_embeds=parts.context.prompt_embeds, prompts=cfg.prompts, config=cfg)
     again = build_parts(tiny_cfg(tmp_path / "run2", f"weights.init_from={export}"), CPU)
     with torch.no_grad():

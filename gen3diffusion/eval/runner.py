@@ -708,8 +708,8 @@ class Evaluator:
         return [
             f"ring: {cfg.ring_size} views at elevation {cfg.ring_elevation:g} deg, azimuth k x {step:g} deg from the "
             f"input view (k = 0), radius {self.radius:g}, fovy {self.fovy:g} deg, {size}x{size} px, white background",
-            f"input: ring view 0, " + (f"recentred with border ratio {cfg.input_border_ratio:g}" if cfg.recenter
-                                         else "not recentred") + f", to {self.pipe.image_size} px;"
+            "input: ring view 0, " + (f"recentred with border ratio {cfg.input_border_ratio:g}" if cfg.recenter
+                                        else "not recentred") + f", to {self.pipe.image_size} px;"
             f" seed {cfg.seed}; {sampler.num_steps} DDIM steps, guidance {sampler.guidance_scale:g}, "
             f"refinement {'on' if sampler.refine else 'off'}; weights {cfg.weights or '-'}",
             f"GT meshes: up axis {cfg.mesh_up_axis} (auto: y for glTF, z otherwise), centred, max extent "

@@ -38,7 +38,6 @@ __all__ = [
     "EMA",
     "CHECKPOINT_DIR",
     "CONFIG_NAME",
-    "EXPORT_CONFIG",
     "checkpoint_step",
     "config_differences",
     "export_models",
@@ -51,8 +50,6 @@ __all__ = [
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_NAME = "config.yaml"
-EXPORT_CONFIG = "gen3d.yaml"
-PROMPT_EMBEDS = "prompt_embeds.safetensors"
 TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
@@ -209,35 +206,22 @@ def export_models(
     model_3d: nn.Module,
     vae: nn.Module,
     image_encoder: nn.Module,
-    scheduler: Any,
     prompt_embeds: Tensor,
     prompts: Any,
     config: DictConfig,
 ) -> Path:
-    """Write the trained models in the pipeline's layout (module docstring) to ``folder``, atomically.
+    """Write the trained models in the pipeline's layout (module docstring) to ``folder``, atomically, through
+    ``Gen3DiffusionPipeline.save_pretrained``.
 
-    ``config`` is the run config (its ``camera`` and ``render`` sections go to ``gen3d.yaml``; the networks'
-    architectures are in their own ``config.json``); ``prompts`` is the ``PromptConfig`` the embeddings were made for
-    (saved in their metadata and in ``gen3d.yaml``).
+    ``config`` is the run config (its ``scheduler`` goes to ``scheduler/``, its ``camera`` and ``render`` sections to
+    ``gen3d.yaml``; the networks' architectures are in their own ``config.json``); ``prompts`` is the
+    ``PromptConfig`` the embeddings were made for (saved in their metadata and in ``gen3d.yaml``).
     """
-    from ..config import to_dict
-    from ..models.conditioning import save_prompt_embeddings
+    from ..pipeline import Gen3DiffusionPipeline, PipelineConfig
 
-    folder = Path(folder)
-    tmp = folder.with_name(f"{TMP_PREFIX}{folder.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    mv_unet.save_pretrained(tmp / "mv_unet")
-    model_3d.save_pretrained(tmp / "model_3d")
-    vae.save_pretrained(tmp / "vae")
-    image_encoder.save_pretrained(tmp / "image_encoder")
-    scheduler.save_pretrained(tmp / "scheduler")
-    save_prompt_embeddings(tmp / PROMPT_EMBEDS, prompt_embeds.detach().cpu(), prompts)
-    sections = {"cameras": to_dict(config.camera), "render": to_dict(config.render), "prompts": to_dict(prompts)}
-    OmegaConf.save(OmegaConf.create(sections), tmp / EXPORT_CONFIG)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    pipe_cfg = OmegaConf.merge(OmegaConf.structured(PipelineConfig),
+                               {"cameras": config.camera, "render": config.render, "prompts": prompts})
+    pipe = Gen3DiffusionPipeline(mv_unet, vae, image_encoder, model_3d, prompt_embeds, config.scheduler, pipe_cfg)
+    pipe.save_pretrained(folder)
     logger.info("exported the models to %s", folder)
-    return folder
+    return Path(folder)

@@ -406,6 +406,6 @@ def _export(accelerator: Any, cfg: DictConfig, parts: TrainParts, models: dict[s
                 stack.enter_context(ema.applied(accelerator.unwrap_model(models[n])))
             export_models(folder, mv_unet=parts.mv_unet, model_3d=parts.model_3d,
                           vae=ctx.vae.to(torch.float32), image_encoder=ctx.image_encoder.to(torch.float32),
-                          scheduler=ctx.scheduler, prompt_embeds=ctx.prompt_embeds, prompts=cfg.prompts, config=cfg)
+                          prompt_embeds=ctx.prompt_embeds, prompts=cfg.prompts, config=cfg)
     accelerator.wait_for_everyone()
     return folder
