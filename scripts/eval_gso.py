@@ -17,15 +17,12 @@ import argparse
 import logging
 import sys
 
-import torch
-from omegaconf import OmegaConf
-
-from gen3diffusion.config import SamplerConfig
+from gen3diffusion.cli import add_model_arguments, load_pipeline, sampler_config
 from gen3diffusion.eval.geometry import NORMALIZATIONS, GeometryMetricConfig
 from gen3diffusion.eval.image_metrics import SSIM_VARIANTS
 from gen3diffusion.eval.runner import EvalConfig, Evaluator, summary_markdown
 from gen3diffusion.mesh import MeshConfig
-from gen3diffusion.pipeline import BORDER_RATIO, DEFAULT_WEIGHTS, Gen3DiffusionPipeline
+from gen3diffusion.pipeline import BORDER_RATIO
 
 logger = logging.getLogger("eval_gso")
 
@@ -42,25 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--overwrite", action="store_true", help="re-evaluate objects whose JSON exists")
     io.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     model = p.add_argument_group("model and sampling")
-    model.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="weights folder or hub id (see sample.py)")
-    model.add_argument("--base", default=None, help="ImageDream diffusers folder or hub id for the authors' release")
+    add_model_arguments(model)
     model.add_argument("--task", choices=sorted(BORDER_RATIO), default=e.task,
                        help="input border ratio (objects 0.45, avatars 0.227) and GT mesh extent (0.8, 1.0)")
     model.add_argument("--border-ratio", type=float, default=None, help="override the task's border ratio")
     model.add_argument("--no-recenter", action="store_true",
                        help="take ring view 0 as it is (the bundled demo model was trained on uncropped views)")
-    model.add_argument("--steps", type=int, default=SamplerConfig.num_steps, help="DDIM steps")
-    model.add_argument("--guidance-scale", type=float, default=SamplerConfig.guidance_scale)
-    model.add_argument("--no-refine", action="store_true", help="the paper's ablation without 3D-guided refinement")
-    model.add_argument("--render-size", type=int, default=None, help="refinement render size (default: 2x image)")
     model.add_argument("--seed", type=int, default=e.seed, help="sampling seed of every object")
-    model.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
-    model.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                       help="network precision (auto: bfloat16 on CUDA, float32 on CPU)")
-    model.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=SamplerConfig.cuda_graphs,
-                       help="replay each step's fixed-shape parts as CUDA graphs (CUDA only; same numbers, faster)")
-    model.add_argument("--compile", action="store_true",
-                       help="torch.compile the networks: about 3 minutes first, then about 1.7x faster sampling")
     ring = p.add_argument_group("ground truth and ring")
     ring.add_argument("--ring-size", type=int, default=e.ring_size, help="views on the elevation-0 ring")
     ring.add_argument("--image-size", type=int, default=e.image_size, help="pixels per side of the compared views")
@@ -118,19 +103,11 @@ def build_configs(args: argparse.Namespace) -> tuple[EvalConfig, GeometryMetricC
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
         cfg, geometry_cfg, mesh_cfg = build_configs(args)
-        pipe = Gen3DiffusionPipeline.from_pretrained(args.weights, base=args.base, device=args.device, dtype=dtype)
+        pipe = load_pipeline(args)
         pipe.progress = False  # one bar over the objects is enough
-        if pipe.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # cuDNN times its kernels once per shape
-        if args.compile:
-            pipe.compile()
-        sampler_cfg = OmegaConf.structured(SamplerConfig(
-            num_steps=args.steps, guidance_scale=args.guidance_scale, refine=not args.no_refine,
-            render_size=args.render_size or 2 * pipe.image_size, cuda_graphs=args.cuda_graphs,
-        ))
+        sampler_cfg = sampler_config(args, pipe)
         evaluator = Evaluator(pipe, cfg, sampler_cfg, mesh_cfg, geometry_cfg)
         summary = evaluator.run(progress=not args.quiet)
     except (FileNotFoundError, ValueError, RuntimeError) as err:

@@ -20,9 +20,10 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from gen3diffusion.cli import add_model_arguments, load_pipeline, sampler_config
 from gen3diffusion.config import SamplerConfig
 from gen3diffusion.mesh import MeshConfig
-from gen3diffusion.pipeline import BORDER_RATIO, DEFAULT_WEIGHTS, Gen3DiffusionPipeline
+from gen3diffusion.pipeline import BORDER_RATIO
 from gen3diffusion.preprocess import ImageError, list_images, load_image, preprocess_image
 from gen3diffusion.outputs import save_result
 
@@ -33,34 +34,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--image", required=True, help="an image file, a folder of images, or a glob pattern (quote it)")
     p.add_argument("--output", default="outputs", help="output folder; one subfolder per input image")
-    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
-                   help="weights: a local folder (this project's layout or the authors' release) or a hub id")
-    p.add_argument("--base", default=None,
-                   help="ImageDream diffusers folder or hub id, for the authors' release when it is not in --weights")
+    add_model_arguments(p)
     p.add_argument("--task", choices=sorted(BORDER_RATIO), default="objects",
                    help="sets the input recentring border ratio (objects 0.45, avatars 0.227)")
     p.add_argument("--border-ratio", type=float, default=None, help="override the task's border ratio")
     p.add_argument("--no-recenter", action="store_true",
                    help="keep the input's framing (for renders already framed like the training data)")
-    p.add_argument("--steps", type=int, default=SamplerConfig.num_steps, help="DDIM steps")
-    p.add_argument("--guidance-scale", type=float, default=SamplerConfig.guidance_scale)
     p.add_argument("--eta", type=float, default=SamplerConfig.eta, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0, help="every image is sampled with this seed")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="network precision (auto: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--no-refine", action="store_true",
-                   help="plain multi-view sampling, then the 3D model once (the paper's ablation)")
-    p.add_argument("--render-size", type=int, default=None,
-                   help="refinement render size (default: twice the image size, the authors' 512 at 256)")
     p.add_argument("--mesh", action=argparse.BooleanOptionalAction, default=True, help="extract a TSDF mesh")
     p.add_argument("--video", action=argparse.BooleanOptionalAction, default=True, help="write a turntable video")
     p.add_argument("--video-frames", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=1, help="images sampled together")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=SamplerConfig.cuda_graphs,
-                   help="replay each step's fixed-shape parts as CUDA graphs (CUDA only; same numbers, faster)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the networks: minutes of compiling first, then faster steps (many images)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -72,22 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         logger.error("%s: no images found", args.image)
         return 2
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
-        pipe = Gen3DiffusionPipeline.from_pretrained(args.weights, base=args.base, device=args.device, dtype=dtype)
+        pipe = load_pipeline(args)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         logger.error("could not load weights: %s", err)
         return 2
     pipe.progress = not args.quiet
-    if pipe.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # cuDNN times its kernels once per shape (as bench/bench_sample.py)
-    if args.compile:
-        pipe.compile()
     size = pipe.image_size
-    sampler_cfg = OmegaConf.structured(SamplerConfig(
-        num_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta, refine=not args.no_refine,
-        render_size=args.render_size or 2 * size, cuda_graphs=args.cuda_graphs,
-    ))
+    sampler_cfg = sampler_config(args, pipe, eta=args.eta)
     border = args.border_ratio if args.border_ratio is not None else BORDER_RATIO[args.task]
     failures = 0
 
