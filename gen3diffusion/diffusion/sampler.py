@@ -212,21 +212,17 @@ class JointSampler:
     def step(self, x_t: Tensor, t: int, cond: Conditioning, generators: list[torch.Generator]) -> StepOutput:
         """One step of Algorithm 2 at timestep ``t`` (without the 2D prior: of the 3D model's own sampling loop)."""
         V = self.num_views
-        t_dev, alpha_bar_t = self.timestep_tensors[t], self.alphas_cumprod[t]  # 0-dim views on the device: no copies
+        alpha_bar_t = self.alphas_cumprod[t]  # 0-dim view on the device: no copy
         x0_2d = x0_3d = gaussians = None
         if not self.uses_prior or self.cfg.refine:
-            if self.uses_prior:
-                eps, x0_2d, raw, _ = self._run("predict", self.predict_gaussians, x_t, t_dev, alpha_bar_t, cond,
-                                               self.rays)
-            else:
-                raw, _ = self._run("predict_3d_only", self.predict_gaussians_3d_only, x_t, t_dev, cond, self.rays)
+            eps, x0_2d, raw, _ = self._predict(x_t, t, cond)
             rgb = self.render(raw, self.render_cameras)  # [B, V, 3, s, s]
             noise = self.posterior_noise(generators, V, x_t.device)
             eps_3d, x0_3d = self._run("refine", self.refine_eps, rgb, noise, x_t, alpha_bar_t)
             eps = torch.cat([eps_3d, eps[:, V:]], dim=1) if self.uses_prior else eps_3d  # the input frame keeps its eps
             gaussians = activate(raw)
         else:
-            (eps,) = self._run("mvd", lambda *a: (self.mvd_eps(*a),), x_t, t_dev, cond)
+            (eps,) = self._run("mvd", lambda *a: (self.mvd_eps(*a),), x_t, self.timestep_tensors[t], cond)
             x0_2d = predict_x0(x_t[:, :V], eps[:, :V], alpha_bar_t)
         variance_noise = self._noise(generators, tuple(x_t.shape[1:]), x_t.device) if self.cfg.eta > 0 else None
         out = self.scheduler.step(eps, t, x_t, eta=self.cfg.eta, variance_noise=variance_noise)
@@ -261,19 +257,20 @@ class JointSampler:
 
     def final_pass(self, x_t: Tensor, t: int, cond: Conditioning) -> SamplerOutput:
         """One more MVD pass at the last timestep; its x0~ and the final latents give the output Gaussians."""
-        if self.uses_prior:
-            _, _, raw, views = self._run("predict", self.predict_gaussians, x_t, self.timestep_tensors[t],
-                                         self.alphas_cumprod[t], cond, self.rays)
-        else:
-            raw, views = self._run("predict_3d_only", self.predict_gaussians_3d_only, x_t, self.timestep_tensors[t],
-                                   cond, self.rays)
+        _, _, raw, views = self._predict(x_t, t, cond)
         return SamplerOutput(gaussians=activate(raw), views=views.float(), latents=x_t)
 
-    # --- helpers -----------------------------------------------------------------------------------------------
+    def _predict(self, x_t: Tensor, t: int, cond: Conditioning
+                 ) -> tuple[Optional[Tensor], Optional[Tensor], Tensor, Tensor]:
+        """eps, x0~, raw Gaussians and decoded x_t views at timestep ``t`` (with graphs, replayed): through the MVD
+        (:meth:`predict_gaussians`), or, without the 2D prior, the 3D model alone (eps and x0~ are then None)."""
+        t_dev = self.timestep_tensors[t]
+        if self.uses_prior:
+            return self._run("predict", self.predict_gaussians, x_t, t_dev, self.alphas_cumprod[t], cond, self.rays)
+        raw, views = self._run("predict_3d_only", self.predict_gaussians_3d_only, x_t, t_dev, cond, self.rays)
+        return None, None, raw, views
 
-    @property
-    def image_size(self) -> int:
-        return self.mv_unet.config.image_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+    # --- helpers -----------------------------------------------------------------------------------------------
 
     def decode(self, latents: Tensor) -> Tensor:
         """[B, K, 4, h, w] latents -> [B, K, 3, H, W] images in [0, 1] (one batched VAE call)."""
@@ -288,16 +285,17 @@ class JointSampler:
         sample), or None when ``sample_posterior`` is off (encode the mean)."""
         if not self.cfg.sample_posterior:
             return None
-        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        shape = (num_images, self.vae.config.latent_channels, self.image_size // f, self.image_size // f)
-        return self._noise(generators, shape, device)
+        h = self.mv_unet.config.image_size  # the latent size
+        return self._noise(generators, (num_images, self.vae.config.latent_channels, h, h), device)
 
     def prepare(self, cond: Conditioning) -> Conditioning:
-        """Per-call constants, set as attributes: ``render_cameras``, the Plücker maps ``rays`` [1, V, 6, H, W], and
-        on the device ``alphas_cumprod`` and ``timestep_tensors`` (0-dim views by timestep). With graphs, returns
-        the conditioning copied into the graphs' persistent buffers (else unchanged). ``__call__`` runs this."""
+        """Per-call constants, set as attributes: ``image_size`` (the inputs'), ``render_cameras``, the Plücker maps
+        ``rays`` [1, V, 6, H, W], and on the device ``alphas_cumprod`` and ``timestep_tensors`` (0-dim views by
+        timestep). With graphs, returns the conditioning copied into the graphs' persistent buffers (else unchanged).
+        ``__call__`` runs this."""
         device = cond.image.device
-        s, size = self.cfg.render_size, self.image_size
+        s, size = self.cfg.render_size, cond.image.shape[-1]
+        self.image_size = size
         c2w = target_cameras(self.camera_cfg.radius).to(device)
         self.render_cameras = Cameras.from_fovy(c2w, self.camera_cfg.fovy, s, s)
         self.rays = plucker_rays(Cameras.from_fovy(c2w, self.camera_cfg.fovy, size, size)).unsqueeze(0)  # [1, V, 6, H, W]
@@ -312,7 +310,7 @@ class JointSampler:
 
     def _run(self, name: str, fn: Callable[..., tuple[Tensor, ...]], *args) -> tuple[Tensor, ...]:
         """``fn(*args)``; with graphs, replayed from the graph for ``name`` (tensor args are its inputs; the rest,
-        pinned by ``_prepare``, are read in place)."""
+        pinned by :meth:`prepare`, are read in place)."""
         if self.graphs is None:
             return fn(*args)
         slots = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
@@ -323,7 +321,7 @@ class JointSampler:
                 full[i] = x
             return fn(*full)
 
-        key = (name, self.cfg.guidance_scale, self.cfg.sample_posterior)  # Python values the graph bakes in
+        key = (name, self.cfg.guidance_scale)  # the Python value the graphs bake in besides the inputs' shapes
         return self.graphs.run(key, tensor_fn, *(args[i] for i in slots))
 
     @staticmethod
