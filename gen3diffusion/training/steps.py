@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from diffusers import AutoencoderKL, DDIMScheduler
 from torch import Tensor, nn
 
@@ -190,13 +191,6 @@ def _loss_3d(ctx: TrainContext, gaussians: Gaussians, batch: dict[str, Any],
     return merged
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP / compile wrapper (for its config)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
 def _model_3d(model_3d: nn.Module, x0_images: Tensor | None, xt_images: Tensor, t: Tensor,
               batch: dict[str, Any]) -> Gaussians:
     """Eq. 8: the 3D-GS model on decoded [0, 1] views with the targets' Plücker rays and the clean input image."""
@@ -223,7 +217,7 @@ def train_step_3d(model_3d: nn.Module, ctx: TrainContext, batch: dict[str, Any],
     the 2D prior (``use_prior=False``, the paper's ablation, Eq. 6) reads the decoded x_t only."""
     noisy = _diffuse_targets(ctx, batch, generator, t_min=1)
     V = noisy.latents.shape[1]
-    use_prior = _unwrap(model_3d).config.use_prior
+    use_prior = extract_model_from_parallel(model_3d).config.use_prior
     with torch.no_grad():
         decoded = _decode(ctx.vae, torch.cat([noisy.latents, noisy.x_t] if use_prior else [noisy.x_t], dim=1))
     x0_images, xt_images = (decoded[:, :V], decoded[:, V:]) if use_prior else (None, decoded)  # [B, V, 3, H, W]
@@ -239,7 +233,7 @@ def train_step_3d(model_3d: nn.Module, ctx: TrainContext, batch: dict[str, Any],
 def train_step_joint(mvd: nn.Module, model_3d: nn.Module, ctx: TrainContext, batch: dict[str, Any],
                      generator: torch.Generator, images: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Stage C: loss_mvd + loss_3d (Eq. 9); the 3D model reads the MVD's x0~, with gradient unless ``detach_x0``."""
-    if not _unwrap(model_3d).config.use_prior:
+    if not extract_model_from_parallel(model_3d).config.use_prior:
         raise ValueError("stage joint needs a 3D model that reads the 2D prior (gaussian_unet.use_prior=true); "
                          "a model without it trains in stage model_3d only")
     noisy = _diffuse_targets(ctx, batch, generator, t_min=0)
