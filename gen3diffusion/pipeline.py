@@ -39,6 +39,7 @@ from .models.conditioning import (
     load_vae,
 )
 from .models.gaussian_unet import GaussianDiffusionModel, load_gaussian_model
+from .models.kernels import fuse_vae_blocks
 from .models.loading import resolve_source
 from .models.mv_unet import MultiViewUNet, load_mv_unet
 
@@ -119,7 +120,8 @@ class Gen3DiffusionPipeline:
     ) -> "Gen3DiffusionPipeline":
         """Load from this project's folder layout or the authors' release (see the module docstring).
 
-        ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA and float32 on CPU.
+        ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA and float32 on CPU. On CUDA the
+        convolutional models are switched to channels_last (:meth:`use_channels_last`), the fast layout there.
         ``model_3d_config``: constructor arguments of the 3D model for the authors' layout, which stores none
         (default: the official size).
         """
@@ -132,13 +134,15 @@ class Gen3DiffusionPipeline:
         if root.is_file():
             raise FileNotFoundError(f"{root}: is a file; pass the folder that holds the weights")
         if (root / "mv_unet").is_dir() or (root / "model_3d").is_dir():
-            return cls._load_project(root, device, dtype)
-        if (root / "model.safetensors").is_file() or (root / "model_1.safetensors").is_file():
-            return cls._load_official(root, base, device, dtype, model_3d_config or {})
-        raise FileNotFoundError(
-            f"{root}: not a gen3diffusion weights folder: expected {', '.join(PROJECT_FILES)} "
-            "(this project's layout) or model.safetensors + model_1.safetensors (the authors' release)"
-        )
+            pipe = cls._load_project(root, device, dtype)
+        elif (root / "model.safetensors").is_file() or (root / "model_1.safetensors").is_file():
+            pipe = cls._load_official(root, base, device, dtype, model_3d_config or {})
+        else:
+            raise FileNotFoundError(
+                f"{root}: not a gen3diffusion weights folder: expected {', '.join(PROJECT_FILES)} "
+                "(this project's layout) or model.safetensors + model_1.safetensors (the authors' release)"
+            )
+        return pipe.use_channels_last() if device.type == "cuda" else pipe
 
     @classmethod
     def _load_project(cls, root: Path, device: torch.device, dtype: torch.dtype) -> "Gen3DiffusionPipeline":
@@ -196,7 +200,11 @@ class Gen3DiffusionPipeline:
 
     def use_channels_last(self) -> "Gen3DiffusionPipeline":
         """Store the convolutional models' weights as NHWC (``torch.channels_last``), the layout of cuDNN's tensor-core
-        kernels, so their activations follow; the numbers change only by the convolutions' rounding."""
+        kernels, so their activations follow and the blocks run the fused NHWC kernels of
+        :mod:`~gen3diffusion.models.kernels` (for the VAE, whose blocks are diffusers', this switches them in place:
+        :func:`~gen3diffusion.models.kernels.fuse_vae_blocks`); the numbers change only by rounding. The default on
+        CUDA."""
+        fuse_vae_blocks(self.vae)
         for module in (self.mv_unet, self.vae, self.model_3d):
             module.to(memory_format=torch.channels_last)
         self.graphs.clear()
@@ -205,9 +213,10 @@ class Gen3DiffusionPipeline:
     def compile(self, mode: str = "default") -> "Gen3DiffusionPipeline":
         """``torch.compile`` the MV UNet, the VAE's encoder and decoder and the 3D U-Net in place, channels_last.
 
-        On an H100 at full size this took the first call about 165 s of compiling, then sampled at 2.34 s per object
-        against 3.88 s without it (docs/benchmarks.md); it pays off for long runs (evaluation, many images).
-        Compiled kernels round differently from eager ones, within the dtype's precision."""
+        Inductor fuses what the eager default fuses with its own kernels (:mod:`~gen3diffusion.models.kernels`), so on
+        an H100 at full size it no longer pays: 206 s of compiling, then 2.33 s per object against 2.23 s without
+        (docs/benchmarks.md). Kept for other cards and versions. Compiled kernels round differently from eager ones,
+        within the dtype's precision."""
         self.use_channels_last()  # the measured configuration: inductor then keeps convolutions and norms in NHWC
         for module in (self.mv_unet, self.vae.encoder, self.vae.decoder, self.model_3d.unet):
             module.compile(mode=mode)

@@ -51,6 +51,17 @@ def assert_same_output(a, b, atol: float) -> None:
     torch.testing.assert_close(a.views, b.views, atol=atol, rtol=0)
 
 
+def test_channels_last_pipeline_matches_default_on_cpu(official_dir):
+    """``use_channels_last`` (CUDA's default: NHWC weights, the VAE's blocks switched to the fused forward) samples
+    what the NCHW pipeline samples; on the CPU the fused blocks take their PyTorch path."""
+    pipe = tiny_pipe(official_dir, "cpu")
+    x = images(1, 3)
+    default = pipe(x, seed=2, sampler_cfg=cfg())
+    pipe.use_channels_last()
+    assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert_same_output(pipe(x, seed=2, sampler_cfg=cfg()), default, atol=2e-4)
+
+
 def test_reference_mode_separate_decodes_equal_batched_decode(official_dir):
     pipe = tiny_pipe(official_dir, "cpu")
     x = images(2, 0)

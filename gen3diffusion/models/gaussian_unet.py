@@ -23,6 +23,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from gen3diffusion.gaussians import Gaussians, activate
+from gen3diffusion.models.kernels import GroupNorm, conv_without_bias, residual_add, shortcut_without_bias
 from gen3diffusion.models.loading import load_state_dict_strict, read_state_dict, resolve_file
 
 if TYPE_CHECKING:
@@ -74,18 +75,19 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, temb_dim: int, groups: int) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=1e-5)
+        self.norm1 = GroupNorm(groups, in_channels, eps=1e-5, silu=True)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_dim, out_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=1e-5)
+        self.norm2 = GroupNorm(groups, out_channels, eps=1e-5, silu=True)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:  # x [BF, Cin, H, W], temb [BF, D]
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(temb)[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (h + self.shortcut(x)) * SKIP_SCALE  # [BF, Cout, H, W]
+        # the conv biases (and the time embedding) ride in the next norm / residual sum (models.kernels)
+        h = conv_without_bias(self.conv1, self.norm1(x))
+        h = conv_without_bias(self.conv2, self.norm2(h, shift=self.conv1.bias + self.time_emb_proj(temb)))
+        skip, bias = shortcut_without_bias(self.shortcut, x, self.conv2.bias)
+        return residual_add(h, bias, skip, SKIP_SCALE)  # [BF, Cout, H, W]
 
 
 class SelfAttention(nn.Module):
@@ -114,7 +116,7 @@ class MultiViewAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, groups: int) -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(groups, dim, eps=1e-5)
+        self.norm = GroupNorm(groups, dim, eps=1e-5)
         self.attn = SelfAttention(dim, heads)
 
     def forward(self, x: Tensor, num_views: int) -> Tensor:  # [B*F, C, H, W]
@@ -240,7 +242,7 @@ class GaussianUNet(nn.Module):
             last = i == len(up_channels) - 1
             self.up_blocks.append(UpBlock(cin, skips, cout, attn, not last, temb, hd, g))
             cin = cout
-        self.norm_out = nn.GroupNorm(g, cin, eps=1e-5)
+        self.norm_out = GroupNorm(g, cin, eps=1e-5, silu=True)
         self.conv_out = nn.Conv2d(cin, out_channels, 3, padding=1)
         self.up_layers_per_block = up_layers_per_block
         # output grid size / input size
@@ -265,7 +267,7 @@ class GaussianUNet(nn.Module):
         for block in self.up_blocks:
             x = self._run(block, x, skips[-self.up_layers_per_block:], temb, num_views)
             del skips[-self.up_layers_per_block:]
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(self.norm_out(x))
 
 
 ### the 3D-GS diffusion model

@@ -24,6 +24,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
+from .kernels import GroupNorm, conv_without_bias, residual_add, shortcut_without_bias
 from .loading import find_weights_file, load_state_dict_strict, read_state_dict, resolve_file, resolve_source
 
 __all__ = ["MultiViewUNet", "load_mv_unet", "timestep_embedding"]
@@ -155,7 +156,7 @@ class MultiViewTransformer(nn.Module):
     ) -> None:
         super().__init__()
         inner = heads * dim_head
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList(
             MultiViewTransformerBlock(inner, heads, dim_head, context_dim, ip_dim, ip_weight) for _ in range(depth)
@@ -178,22 +179,28 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, emb_dim: int, out_channels: int, groups: int) -> None:
         super().__init__()
+        # the norms apply the SiLU themselves; the empty slots keep openaimodel's indices (SiLU at 1, Dropout(0) at
+        # out_layers.2), so the convs stay at in_layers.2 and out_layers.3
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm(groups, channels, silu=True), nn.Identity(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
-        # index 2 is openaimodel's Dropout(0): kept empty so the conv stays at out_layers.3
         self.out_layers = nn.Sequential(
-            nn.GroupNorm(groups, out_channels),
-            nn.SiLU(),
+            GroupNorm(groups, out_channels, silu=True),
+            nn.Identity(),
             nn.Identity(),
             _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # [N, C, h, w], [N, E]
-        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        # the conv biases (and the embedding) ride in the next norm / residual sum (models.kernels)
+        norm1, _, conv1 = self.in_layers
+        norm2, _, dropout, conv2 = self.out_layers
+        h = conv_without_bias(conv1, norm1(x))
+        h = conv_without_bias(conv2, dropout(norm2(h, shift=conv1.bias + self.emb_layers(emb))))
+        skip, bias = shortcut_without_bias(self.skip_connection, x, conv2.bias)
+        return residual_add(h, bias, skip)
 
 
 class Downsample(nn.Module):
@@ -389,7 +396,9 @@ class MultiViewUNet(ModelMixin, ConfigMixin):
                     ds //= 2
                 self.output_blocks.append(UNetBlock(*layers))
 
-        self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), _zero(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        self.out = nn.Sequential(
+            GroupNorm(groups, ch, silu=True), nn.Identity(), _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
+        )
         self.gradient_checkpointing = False
 
     @classmethod

@@ -1,0 +1,314 @@
+"""Fused inference kernels for channels_last CUDA activations: GroupNorm (+ SiLU) and the residual epilogue.
+
+Every convolutional block of the three networks (MV UNet, VAE, 3D U-Net) runs GroupNorm -> SiLU -> conv, twice,
+then adds its input. cuDNN's fast convolutions work in NHWC (``torch.channels_last``), but in eager PyTorch
+
+* GroupNorm works in NCHW, so each norm costs two layout conversions plus separate norm and SiLU passes;
+* every convolution adds its bias in a separate, broadcasting (so unvectorised) pass;
+* the residual sum and its scale are further passes.
+
+Here a block is written as ``conv_without_bias`` -> :func:`group_norm` with ``shift`` = that conv's bias (plus the
+time embedding) -> ``conv_without_bias`` -> :func:`residual_add` with the second bias, so the biases ride along in
+passes that happen anyway. The GroupNorm kernels read and write NHWC and apply the SiLU on the way out: three passes
+over the activation (per-chunk statistics, a tiny merge per group, normalise) instead of about seven.
+
+Statistics are accumulated in float32 with Chan et al.'s pairwise merge of (count, mean, M2), so a large mean does
+not cancel the variance (as a sum / sum-of-squares formula would); results match the reference ops to float32
+rounding, followed by one rounding to the activation's dtype.
+
+The kernels run only for inference (no autograd graph to record) on CUDA tensors in channels_last layout and outside
+``torch.compile`` (inductor fuses the reference ops itself); everything else takes the same math in plain PyTorch
+ops, so training and CPU runs compute what they computed before, up to the order of the additions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
+from torch import Tensor, nn
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference path is used
+    triton = None
+
+__all__ = ["GroupNorm", "conv_without_bias", "fuse_vae_blocks", "group_norm", "residual_add",
+           "shortcut_without_bias", "triton_group_norm", "triton_residual_add"]
+
+_BLOCK_R = 64  # rows (pixels) per tile
+_TARGET_PROGRAMS = 1024  # statistics programs per call: enough to fill the GPU, few partials to merge
+_BLOCK_FLAT = 2048  # elements per program of the residual kernel
+
+
+def group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
+               silu: bool = False, shift: Tensor | None = None) -> Tensor:
+    """``F.group_norm(x + shift)`` (then ``F.silu`` when ``silu``), by the Triton kernels where they apply (module
+    docstring). ``shift`` [C] or [N, C] is added per channel (and sample) before normalising: the bias of the
+    convolution that produced ``x`` and the time embedding."""
+    if weight is not None and bias is not None and _use_kernel(x, weight, bias, shift):
+        return triton_group_norm(x, num_groups, weight, bias, eps, silu, shift)
+    if shift is not None:
+        x = x + shift.reshape(-1 if shift.dim() == 2 else 1, x.shape[1], *([1] * (x.dim() - 2)))
+    out = F.group_norm(x, num_groups, weight, bias, eps)
+    return F.silu(out) if silu else out
+
+
+def residual_add(h: Tensor, bias: Tensor | None, skip: Tensor, scale: float = 1.0) -> Tensor:
+    """``(h + bias + skip) * scale`` with ``bias`` [C] per channel: the end of a residual block whose last
+    convolution ran without its bias (one Triton pass for same-layout channels_last CUDA tensors at inference)."""
+    if bias is not None and skip.shape == h.shape and skip.stride() == h.stride() and _use_kernel(h, bias, skip):
+        return triton_residual_add(h, bias, skip, scale)
+    out = h + skip if bias is None else h + bias.reshape(-1, *([1] * (h.dim() - 2))) + skip
+    return out if scale == 1.0 else out * scale
+
+
+def conv_without_bias(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)`` minus its bias, which the caller folds into the next :func:`group_norm` or :func:`residual_add`."""
+    return conv._conv_forward(x, conv.weight, None)
+
+
+def shortcut_without_bias(shortcut: nn.Module, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """A residual block's skip branch ``shortcut(x)`` and the bias to add at the block's end: ``bias`` (the last
+    conv's) plus, when the shortcut is a convolution, its bias, which it then leaves out."""
+    if isinstance(shortcut, nn.Conv2d) and shortcut.bias is not None:
+        return conv_without_bias(shortcut, x), bias + shortcut.bias
+    return shortcut(x), bias
+
+
+def _channels_last(x: Tensor) -> bool:
+    """Whether ``x`` [N, C, *spatial] (2-D or 1-D spatial) stores its channels innermost, pixel after pixel."""
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    return x.dim() == 3 and x.transpose(1, 2).is_contiguous()
+
+
+def _use_kernel(x: Tensor, *others: Tensor | None) -> bool:
+    """Whether the Triton path applies to ``x`` and the other inputs (None ones ignored): CUDA, ``x`` channels_last,
+    nothing for autograd to record, not inside ``torch.compile``."""
+    tensors = [x, *(t for t in others if t is not None)]
+    return (
+        triton is not None
+        and x.is_cuda
+        and _channels_last(x)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and not torch.compiler.is_compiling()
+    )
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters and state-dict keys) that can apply the following SiLU itself."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 silu: bool = False) -> None:
+        super().__init__(num_groups, num_channels, eps, affine)
+        self.silu = silu
+
+    def forward(self, x: Tensor, shift: Tensor | None = None) -> Tensor:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, shift)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", silu=True" if self.silu else "")
+
+    @classmethod
+    def from_module(cls, norm: nn.GroupNorm, silu: bool = False) -> "GroupNorm":
+        """A GroupNorm sharing ``norm``'s parameters (no copy)."""
+        fused = cls(norm.num_groups, norm.num_channels, norm.eps, norm.affine, silu)
+        fused.weight, fused.bias = norm.weight, norm.bias
+        return fused
+
+
+class _FusedResnetBlock2D(ResnetBlock2D):
+    """diffusers' ``ResnetBlock2D`` as the VAE uses it (no time embedding, no resampling), with its conv biases
+    folded into the fused GroupNorm and residual (module docstring). Only :func:`fuse_vae_blocks` makes these, by
+    switching the class of an existing block: parameters, names and the math stay those of diffusers."""
+
+    def forward(self, input_tensor: Tensor, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
+        h = conv_without_bias(self.conv1, self.norm1(input_tensor))
+        h = conv_without_bias(self.conv2, self.dropout(self.norm2(h, shift=self.conv1.bias)))
+        skip, bias = input_tensor, self.conv2.bias
+        if self.conv_shortcut is not None:
+            skip, bias = shortcut_without_bias(self.conv_shortcut, input_tensor, bias)
+        return residual_add(h, bias, skip, 1.0 / self.output_scale_factor)
+
+
+def fuse_vae_blocks(vae: nn.Module) -> int:
+    """Switch a diffusers ``AutoencoderKL`` to the fused kernels in place; returns how many modules changed.
+
+    Its residual blocks become :class:`_FusedResnetBlock2D` with :class:`GroupNorm` + SiLU norms, the encoder's and
+    decoder's ``conv_norm_out`` absorbs ``conv_act``, and the attention blocks' ``group_norm`` becomes a
+    :class:`GroupNorm`. Parameters are shared and state-dict keys unchanged; calling it again changes nothing.
+    """
+    count = 0
+    for module in vae.modules():
+        if (type(module) is ResnetBlock2D and module.time_emb_proj is None and module.upsample is None
+                and module.downsample is None and isinstance(module.nonlinearity, nn.SiLU)):
+            module.__class__ = _FusedResnetBlock2D
+            module.norm1 = GroupNorm.from_module(module.norm1, silu=True)
+            module.norm2 = GroupNorm.from_module(module.norm2, silu=True)
+        elif isinstance(module, Attention) and type(module.group_norm) is nn.GroupNorm:
+            module.group_norm = GroupNorm.from_module(module.group_norm)
+        elif type(getattr(module, "conv_norm_out", None)) is nn.GroupNorm and isinstance(module.conv_act, nn.SiLU):
+            module.conv_norm_out = GroupNorm.from_module(module.conv_norm_out, silu=True)
+            module.conv_act = nn.Identity()
+        else:
+            continue
+        count += 1
+    return count
+
+
+def triton_group_norm(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float,
+                      silu: bool = False, shift: Tensor | None = None) -> Tensor:
+    """GroupNorm (+ SiLU) of a channels_last ``x`` [N, C, H, W] (or [N, C, L] stored as [N, L, C]) plus ``shift``
+    ([C] or [N, C], see :func:`group_norm`) by the Triton kernels; the output has ``x``'s layout."""
+    if triton is None:
+        raise RuntimeError("triton_group_norm needs the triton package")
+    N, C = x.shape[:2]
+    if C % num_groups:
+        raise ValueError(f"num_groups={num_groups} does not divide the {C} channels")
+    if not _channels_last(x):
+        raise ValueError(f"x must be channels_last contiguous, got strides {x.stride()} for shape {tuple(x.shape)}")
+    HW, D = x[0, 0].numel(), C // num_groups
+    if shift is not None and tuple(shift.shape) not in ((C,), (N, C)):
+        raise ValueError(f"shift: expected [{C}] or [{N}, {C}], got {tuple(shift.shape)}")
+    # per-channel shifts move only the channels' means: the chunk statistics ignore them, the merge and the
+    # normalisation add them (row stride 0 broadcasts a [C] shift over the samples)
+    has_shift, shift_row_stride = shift is not None, 0 if shift is None or shift.dim() == 1 else C
+    shift = (weight if shift is None else shift).contiguous()  # any pointer when there is none
+    block_c = min(64, triton.next_power_of_2(C))
+    col_blocks = triton.cdiv(C, block_c)
+    chunks_wanted = max(1, _TARGET_PROGRAMS // (N * col_blocks))
+    rows_per_chunk = _BLOCK_R * triton.cdiv(triton.cdiv(HW, chunks_wanted), _BLOCK_R)
+    chunks = triton.cdiv(HW, rows_per_chunk)
+
+    partial = torch.empty(2, N, chunks, C, device=x.device, dtype=torch.float32)  # per-channel (mean, M2) per chunk
+    _chunk_stats_kernel[(chunks, N, col_blocks)](
+        x, partial[0], partial[1], HW, C, rows_per_chunk, chunks, BLOCK_R=_BLOCK_R, BLOCK_C=block_c)
+    stats = torch.empty(2, N, num_groups, device=x.device, dtype=torch.float32)  # (mean, rstd) per group
+    _group_stats_kernel[(num_groups, N)](
+        partial[0], partial[1], shift, stats[0], stats[1], HW, C, D, chunks, rows_per_chunk, shift_row_stride, eps,
+        BLOCK_K=min(64, triton.next_power_of_2(chunks)), BLOCK_D=triton.next_power_of_2(D), SHIFT=has_shift)
+    y = torch.empty_like(x)  # keeps channels_last
+    _normalize_kernel[(triton.cdiv(HW, _BLOCK_R), N, col_blocks)](
+        x, y, weight, bias, shift, stats[0], stats[1], HW, C, D, num_groups, shift_row_stride,
+        BLOCK_R=_BLOCK_R, BLOCK_C=block_c, SILU=silu, SHIFT=has_shift)
+    return y
+
+
+def triton_residual_add(h: Tensor, bias: Tensor, skip: Tensor, scale: float = 1.0) -> Tensor:
+    """:func:`residual_add` by the Triton kernel, for channels_last ``h`` and ``skip`` of the same shape and strides."""
+    if triton is None:
+        raise RuntimeError("triton_residual_add needs the triton package")
+    if not _channels_last(h) or skip.shape != h.shape or skip.stride() != h.stride():
+        raise ValueError(f"h and skip must be channels_last with the same shape and strides, got {tuple(h.shape)} "
+                         f"{h.stride()} and {tuple(skip.shape)} {skip.stride()}")
+    if tuple(bias.shape) != (h.shape[1],):
+        raise ValueError(f"bias: expected [{h.shape[1]}], got {tuple(bias.shape)}")
+    out = torch.empty_like(h)
+    _residual_kernel[(triton.cdiv(h.numel(), _BLOCK_FLAT),)](
+        h, skip, bias, out, h.numel(), h.shape[1], scale, BLOCK=_BLOCK_FLAT)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _chunk_stats_kernel(x_ptr, mean_ptr, m2_ptr, HW, C, rows_per_chunk, num_chunks,
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Per-channel mean and M2 (sum of squared deviations) of ``rows_per_chunk`` pixels of one sample."""
+        chunk, n, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        base = x_ptr + n.to(tl.int64) * HW * C
+        count = tl.zeros([BLOCK_C], tl.float32)
+        mean = tl.zeros([BLOCK_C], tl.float32)
+        m2 = tl.zeros([BLOCK_C], tl.float32)
+        start = chunk * rows_per_chunk
+        for r0 in range(start, tl.minimum(start + rows_per_chunk, HW), BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            row_ok = rows < HW
+            ok = row_ok[:, None] & col_ok[None, :]
+            x = tl.load(base + rows[:, None] * C + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            n_b = tl.sum(row_ok.to(tl.float32), axis=0)
+            mean_b = tl.sum(x, axis=0) / n_b
+            dev = tl.where(ok, x - mean_b[None, :], 0.0)
+            total = count + n_b
+            delta = mean_b - mean
+            mean += delta * (n_b / total)
+            m2 += tl.sum(dev * dev, axis=0) + delta * delta * (count * n_b / total)
+            count = total
+        out = (n * num_chunks + chunk) * C + cols
+        tl.store(mean_ptr + out, mean, mask=col_ok)
+        tl.store(m2_ptr + out, m2, mask=col_ok)
+
+    @triton.jit
+    def _group_stats_kernel(mean_ptr, m2_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, HW, C, D, num_chunks,
+                            rows_per_chunk, shift_row_stride, eps,
+                            BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SHIFT: tl.constexpr):
+        """Merge the chunks' per-channel (mean, M2), each channel's mean moved by its shift, over the D channels of
+        one group: the group's mean and 1/sqrt(var + eps)."""
+        g, n, G = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
+        ds = tl.arange(0, BLOCK_D)
+        d_ok = ds < D
+        cols = g * D + ds
+        if SHIFT:
+            shift = tl.load(shift_ptr + n * shift_row_stride + cols, mask=d_ok, other=0.0).to(tl.float32)
+        else:
+            shift = tl.zeros([BLOCK_D], tl.float32)
+        zero = tl.sum(tl.zeros([BLOCK_D], tl.float32), axis=0)
+        count, mean, m2 = zero, zero, zero
+        for k0 in range(0, num_chunks, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < num_chunks
+            ok = k_ok[:, None] & d_ok[None, :]
+            idx = (n * num_chunks + ks[:, None]) * C + cols[None, :]
+            mean_c = tl.load(mean_ptr + idx, mask=ok, other=0.0) + shift[None, :]
+            m2_c = tl.load(m2_ptr + idx, mask=ok, other=0.0)
+            rows = tl.where(k_ok, tl.minimum(HW - ks * rows_per_chunk, rows_per_chunk), 0).to(tl.float32)
+            weight = tl.where(ok, rows[:, None], 0.0)  # elements behind each (chunk, channel) entry
+            n_b = tl.sum(tl.sum(weight, axis=1), axis=0)
+            mean_b = tl.sum(tl.sum(weight * mean_c, axis=1), axis=0) / n_b
+            dev = tl.where(ok, mean_c - mean_b, 0.0)
+            m2_b = tl.sum(tl.sum(m2_c + weight * dev * dev, axis=1), axis=0)
+            total = count + n_b
+            delta = mean_b - mean
+            mean += delta * (n_b / total)
+            m2 += m2_b + delta * delta * (count * n_b / total)
+            count = total
+        tl.store(group_mean_ptr + n * G + g, mean)
+        tl.store(group_rstd_ptr + n * G + g, 1.0 / tl.sqrt(m2 / count + eps))
+
+    @triton.jit
+    def _normalize_kernel(x_ptr, y_ptr, w_ptr, b_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, HW, C, D, G,
+                          shift_row_stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr,
+                          SHIFT: tl.constexpr):
+        """y = (x + shift - mean) * rstd * weight + bias, then SiLU if asked, for a tile of pixels x channels."""
+        rb, n, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        ok = (rows < HW)[:, None] & col_ok[None, :]
+        groups = n * G + cols // D
+        scale = tl.load(group_rstd_ptr + groups, mask=col_ok, other=0.0) * \
+            tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        mean = tl.load(group_mean_ptr + groups, mask=col_ok, other=0.0)
+        if SHIFT:
+            mean -= tl.load(shift_ptr + n * shift_row_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
+        shift = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) - mean * scale
+        offsets = n.to(tl.int64) * HW * C + rows[:, None] * C + cols[None, :]
+        y = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _residual_kernel(h_ptr, skip_ptr, bias_ptr, out_ptr, numel, C, scale, BLOCK: tl.constexpr):
+        """out = (h + bias + skip) * scale over flat channels-innermost memory (channel = index % C)."""
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offsets < numel
+        h = tl.load(h_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        skip = tl.load(skip_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + offsets % C, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offsets, ((h + bias + skip) * scale).to(out_ptr.dtype.element_ty), mask=ok)

@@ -1,0 +1,159 @@
+"""The fused channels_last kernels (GroupNorm + SiLU + shift, the residual epilogue) against PyTorch's ops, and the
+switch of diffusers' VAE blocks to them.
+
+CPU: the module and the VAE swap leave every output and state-dict key as before; the kernels themselves run in
+Triton's interpreter (a subprocess with ``TRITON_INTERPRET=1``, float32 on the CPU), including group widths that are
+not powers of two, pixel counts that do not fill a tile and a mean far larger than the spread. GPU: the compiled
+kernels in bfloat16 against float64 ``F.group_norm``, and a model that runs them gives what it gives without.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from diffusers.models.resnet import ResnetBlock2D
+
+from gen3diffusion.models.kernels import (
+    GroupNorm,
+    fuse_vae_blocks,
+    group_norm,
+    residual_add,
+    triton_group_norm,
+    triton_residual_add,
+)
+
+TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+                latent_channels=4, norm_num_groups=8, sample_size=32)
+# (N, C, H, W, groups, offset): D = C / groups of 5 and 40 (not powers of two), pixel counts that leave partial
+# tiles, a single column, and a mean 500 standard deviations away from 0 (a sum-of-squares variance would cancel)
+SHAPES = [(2, 20, 5, 7, 4, 0.0), (1, 64, 16, 16, 32, 1000.0), (3, 128, 9, 11, 32, 3.0), (2, 96, 33, 1, 32, 0.0),
+          (1, 320, 4, 4, 8, 0.0)]
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_module_matches_group_norm_then_silu_on_cpu(silu):
+    torch.manual_seed(0)
+    ref = torch.nn.GroupNorm(4, 12)
+    torch.nn.init.normal_(ref.weight), torch.nn.init.normal_(ref.bias)
+    fused = GroupNorm.from_module(ref, silu=silu)
+    assert fused.weight is ref.weight and list(fused.state_dict()) == list(ref.state_dict())
+    x = torch.randn(2, 12, 5, 5)
+    expected = F.silu(ref(x)) if silu else ref(x)
+    torch.testing.assert_close(fused(x), expected, atol=0, rtol=0)
+
+
+def test_vae_swap_keeps_outputs_and_keys():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**TINY_VAE).eval()
+    keys = list(vae.state_dict())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        latents = vae.encode(x).latent_dist.mean
+        images = vae.decode(latents).sample
+    # 10 resnets (encoder: 2 down + 2 mid; decoder: 2 mid + 2 x 2 up), 2 attention norms, 2 output norms
+    assert fuse_vae_blocks(vae) == 10 + 2 + 2
+    assert fuse_vae_blocks(vae) == 0
+    assert list(vae.state_dict()) == keys
+    assert not any(type(m) is torch.nn.GroupNorm for m in vae.modules())
+    assert all(type(m).forward is not ResnetBlock2D.forward for m in vae.modules() if isinstance(m, ResnetBlock2D))
+    with torch.no_grad():
+        torch.testing.assert_close(vae.encode(x).latent_dist.mean, latents, atol=1e-6, rtol=0)
+        torch.testing.assert_close(vae.decode(latents).sample, images, atol=1e-6, rtol=0)
+
+
+def test_kernels_in_triton_interpreter():
+    """The three kernels, run by Triton's interpreter on the CPU, against float64 F.group_norm."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent(f"""
+        import torch, torch.nn.functional as F
+        from gen3diffusion.models.kernels import triton_group_norm, triton_residual_add
+        torch.manual_seed(0)
+        for N, C, H, W, G, offset in {SHAPES!r}:
+            x = (torch.randn(N, C, H, W) * 2 + offset).to(memory_format=torch.channels_last)
+            w, b = torch.randn(C), torch.randn(C)
+            for silu in (False, True):
+                y = triton_group_norm(x, G, w, b, 1e-5, silu)
+                assert y.is_contiguous(memory_format=torch.channels_last)
+                ref = F.group_norm(x.double(), G, w.double(), b.double(), 1e-5)
+                ref = F.silu(ref) if silu else ref
+                torch_err = (F.group_norm(x, G, w, b, 1e-5).double() - F.group_norm(x.double(), G, w.double(),
+                             b.double(), 1e-5)).abs().max().item()
+                err = (y.double() - ref).abs().max().item()
+                # float32 rounding of the input dominates at offset 1000: no worse than PyTorch's own kernel there
+                assert err <= max(1e-5, 2 * torch_err), (N, C, H, W, G, offset, silu, err, torch_err)
+            for shift in (torch.randn(C) * 5, torch.randn(N, C) * 5):  # a conv bias; plus a time embedding
+                y = triton_group_norm(x, G, w, b, 1e-5, True, shift)
+                ref = F.silu(F.group_norm(x.double() + shift.double().reshape(-1, C, 1, 1), G, w.double(), b.double(),
+                                          1e-5))
+                assert (y.double() - ref).abs().max().item() <= max(1e-5, 2 * torch_err), (N, C, H, W, shift.shape)
+            skip = torch.randn_like(x)
+            out = triton_residual_add(x, w, skip, 0.5)
+            assert out.stride() == x.stride()
+            assert (out - (x + w[:, None, None] + skip) * 0.5).abs().max().item() <= 1e-6 * (1 + abs(offset))
+        x = torch.randn(2, 50, 64).transpose(1, 2)  # [N, C, L] stored as [N, L, C], as in the VAE's attention
+        y = triton_group_norm(x, 8, torch.ones(64), torch.zeros(64), 1e-6)
+        assert y.stride() == x.stride()
+        assert (y - F.group_norm(x, 8, eps=1e-6)).abs().max().item() < 1e-5
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_kernel_rejects_nchw_and_bad_groups():
+    pytest.importorskip("triton")
+    x = torch.randn(1, 8, 4, 4)
+    with pytest.raises(ValueError, match="channels_last"):
+        triton_group_norm(x, 4, torch.ones(8), torch.zeros(8), 1e-5)
+    with pytest.raises(ValueError, match="num_groups=3"):
+        triton_group_norm(x.to(memory_format=torch.channels_last), 3, torch.ones(8), torch.zeros(8), 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(8, 128, 256, 256, 32), (10, 320, 32, 32, 32), (10, 1280, 4, 4, 32),
+                                   (5, 960, 16, 16, 32), (2, 512, 33, 17, 32)])
+def test_kernels_bf16_on_gpu(shape):
+    """The dispatching functions on channels_last bf16 (the kernels) against float64 references."""
+    N, C, H, W, G = shape
+    torch.manual_seed(0)
+    x = (torch.randn(N, C, H, W, device="cuda") * 3 + 1).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    w, b = torch.randn(C, device="cuda", dtype=torch.bfloat16), torch.randn(C, device="cuda", dtype=torch.bfloat16)
+    shift = torch.randn(N, C, device="cuda", dtype=torch.bfloat16)
+    for silu, s in ((False, None), (True, None), (True, shift), (False, shift[0])):
+        y = group_norm(x, G, w, b, 1e-5, silu, s)
+        assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+        x64 = x.double() if s is None else x.double() + s.double().reshape(-1, C, 1, 1)
+        ref = F.group_norm(x64, G, w.double(), b.double(), 1e-5)
+        ref = F.silu(ref) if silu else ref
+        # one bf16 rounding of the output (8 bits of mantissa): relative 2^-8 of the value, plus float32 noise
+        assert ((y.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-3).all()
+    skip = torch.randn_like(x)
+    out = residual_add(x, b, skip, 0.5)
+    ref = (x.double() + b.double()[:, None, None] + skip.double()) * 0.5
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert ((out.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-6).all()
+
+
+@pytest.mark.gpu
+def test_vae_with_kernels_matches_reference_on_gpu():
+    """A channels_last bf16 VAE with the kernels against the same VAE in float32 through F.group_norm."""
+    torch.manual_seed(0)
+    vae32 = AutoencoderKL(**TINY_VAE).cuda().eval()
+    vae16 = AutoencoderKL(**TINY_VAE).cuda().eval()
+    vae16.load_state_dict(vae32.state_dict())
+    vae16.to(torch.bfloat16, memory_format=torch.channels_last)
+    assert fuse_vae_blocks(vae16) == 14
+    x = torch.rand(4, 3, 64, 64, device="cuda") * 2 - 1
+    with torch.no_grad():
+        ref = vae32.decode(vae32.encode(x).latent_dist.mean).sample
+        out = vae16.decode(vae16.encode(x.bfloat16()).latent_dist.mean).sample.float()
+    assert (out - ref).norm() / ref.norm() < 0.02
