@@ -5,13 +5,14 @@ vision tower, 3D-GS model 0.42 B; no text encoder: random prompt embeddings stan
 ``--steps`` DDIM steps with CFG 5 and refinement, in two modes:
 
 - ``reference``: the authors' structure: float32, eager, one VAE decode call per tensor (x0~, then x_t);
-- ``fast``: the default of ``Gen3DiffusionPipeline`` on CUDA: bfloat16 weights, one batched decode of x0~ and x_t,
-  and CUDA graphs for the fixed-shape parts of each step (``SamplerConfig.cuda_graphs``).
+- ``fast``: the default of ``Gen3DiffusionPipeline.from_pretrained`` on CUDA: bfloat16 weights in channels_last
+  with the fused NHWC kernels (``models/kernels.py``), one batched decode of x0~ and x_t, and CUDA graphs for the
+  fixed-shape parts of each step (``SamplerConfig.cuda_graphs``).
 
-Optional extra modes: ``fast-fp32`` (float32 with CUDA graphs), ``bf16-eager`` (fast without CUDA graphs),
-``fast-cl`` (fast with channels_last weights) and ``compile`` (fast plus ``Gen3DiffusionPipeline.compile``, which
-also switches to channels_last). For every mode and batch size it prints seconds per object, peak GPU memory and the
-speed-up over ``reference``, and the parity of each mode's Gaussians against the reference ones on the same seed
+Optional extra modes: ``fast-fp32`` (fast in float32), ``bf16-eager`` (fast without CUDA graphs), ``fast-nchw``
+(fast in NCHW, where the kernels do not apply: the default before them) and ``compile`` (fast plus
+``Gen3DiffusionPipeline.compile``). For every mode and batch size it prints seconds per object, peak GPU memory and
+the speed-up over ``reference``, and the parity of each mode's Gaussians against the reference ones on the same seed
 (after the full run and after two steps). Then, unless ``--analyse none``: the FLOPs of one step and the fraction of
 the card's bf16 peak each mode reaches, the bf16-vs-float32 error of one step's parts from identical inputs, the
 time of each part of a step, and optionally a torch.profiler table.
@@ -46,11 +47,27 @@ BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense tensor
 # mode -> (dtype, the authors' separate decodes, CUDA graphs, channels_last, torch.compile)
 MODES = {
     "reference": (torch.float32, True, False, False, False),
-    "fast": (torch.bfloat16, False, True, False, False),
-    "fast-fp32": (torch.float32, False, True, False, False),
-    "bf16-eager": (torch.bfloat16, False, False, False, False),
-    "fast-cl": (torch.bfloat16, False, True, True, False),
-    "compile": (torch.bfloat16, False, True, True, True),  # Pipeline.compile() also switches to channels_last
+    "fast": (torch.bfloat16, False, True, True, False),
+    "fast-fp32": (torch.float32, False, True, True, False),
+    "bf16-eager": (torch.bfloat16, False, False, True, False),
+    "fast-nchw": (torch.bfloat16, False, True, False, False),
+    "compile": (torch.bfloat16, False, True, True, True),
+}
+
+
+# GPU kernels by kind for the profile summary (first match wins: cuDNN's attention kernels say "fprop", its
+# implicit-GEMM convolutions "gemm")
+KERNEL_KINDS = {
+    "attention (SDPA)": ("sdpa", "fmha", "flash"),
+    "convolution (cuDNN)": ("fprop", "conv"),
+    "GroupNorm (models/kernels.py)": ("_chunk_stats", "_group_stats", "_normalize_kernel"),
+    "residual epilogue (models/kernels.py)": ("_residual_kernel",),
+    "render (gsplat: projection, tile intersection, sort, rasterize)": ("gsplat", "radix_sort", "cub::"),
+    "matmul (linear layers)": ("nvjet", "gemm", "cutlass"),
+    "nearest upsampling": ("upsample",),
+    "GroupNorm (PyTorch)": ("group_norm", "GroupNorm"),
+    "layer norm": ("layer_norm",),
+    "elementwise (conv biases outside blocks, adds, activations, copies)": ("elementwise", "Cat", "copy"),
 }
 
 
@@ -194,19 +211,19 @@ def part_parity(pipe32: Gen3DiffusionPipeline, pipe16: Gen3DiffusionPipeline, im
     return {n: float((b.float() - a.float()).norm() / a.float().norm()) for n, a, b in zip(names, *outs)}
 
 
-def step_flops(pipe: Gen3DiffusionPipeline, images: Tensor) -> int:
-    """FLOPs of one joint step (matmuls, convolutions, attention; counted by torch's FlopCounterMode)."""
+def step_flops(pipe: Gen3DiffusionPipeline, images: Tensor) -> dict[str, int]:
+    """FLOPs of one joint step by operator (convolutions, matmuls, attention; counted by torch's FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     pipe.sampler_cls = JointSampler
     for module in (pipe.mv_unet, pipe.vae, pipe.image_encoder, pipe.model_3d):
         module.requires_grad_(False)  # FlopCounterMode's module tracker trips over parameters that require grad
-    with FlopCounterMode(display=False) as counter:
-        pipe(images, seed=0, sampler_cfg=SamplerConfig(num_steps=1, cuda_graphs=False))  # one step + the final pass
-    total_1 = counter.get_total_flops()
-    with FlopCounterMode(display=False) as counter:
-        pipe(images, seed=0, sampler_cfg=SamplerConfig(num_steps=2, cuda_graphs=False))
-    return counter.get_total_flops() - total_1  # the second run has exactly one more step
+    counts = []
+    for steps in (1, 2):  # the second run has exactly one more step (both have the final pass)
+        with FlopCounterMode(display=False) as counter:
+            pipe(images, seed=0, sampler_cfg=SamplerConfig(num_steps=steps, cuda_graphs=False))
+        counts.append({str(op).removeprefix("aten."): n for op, n in counter.get_flop_counts()["Global"].items()})
+    return {op: n - counts[0].get(op, 0) for op, n in counts[1].items()}
 
 
 def breakdown(pipe: Gen3DiffusionPipeline, images: Tensor, cfg: SamplerConfig) -> dict[str, float]:
@@ -218,6 +235,19 @@ def breakdown(pipe: Gen3DiffusionPipeline, images: Tensor, cfg: SamplerConfig) -
     pipe(images, seed=0, sampler_cfg=cfg)
     torch.cuda.synchronize()
     return {name: statistics.median(s.elapsed_time(e) for s, e in pairs) for name, pairs in TimedSampler.events.items()}
+
+
+def profile_summary(prof) -> dict[str, float]:
+    """GPU kernel time by kind (:data:`KERNEL_KINDS`), in ms, from a ``torch.profiler`` run."""
+    from torch.autograd import DeviceType
+
+    kinds: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        kind = next((k for k, patterns in KERNEL_KINDS.items() if any(p in event.key for p in patterns)), "other")
+        kinds[kind] += event.self_device_time_total / 1e3
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
 def setup(mode: str, device: torch.device) -> tuple[Gen3DiffusionPipeline, bool]:
@@ -282,11 +312,13 @@ def main(argv: list[str] | None = None) -> None:
     pipe, _ = setup("fast", device)
     images = torch.rand(1, 3, pipe.image_size, pipe.image_size, device=device,
                         generator=torch.Generator(device).manual_seed(1))
-    flops = step_flops(pipe, images)
+    flops_by_op = step_flops(pipe, images)
+    flops = sum(flops_by_op.values())
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in card), None)
-    report["flops_per_step"] = flops
+    report["flops_per_step"], report["flops_per_step_by_op"] = flops, flops_by_op
     print(f"\nFLOPs per joint step (batch 1): {flops / 1e12:.2f} TFLOP; {args.steps} steps: "
-          f"{flops * args.steps / 1e15:.3f} PFLOP")
+          f"{flops * args.steps / 1e15:.3f} PFLOP; by operator: "
+          + ", ".join(f"{op} {n / 1e12:.2f}" for op, n in sorted(flops_by_op.items(), key=lambda kv: -kv[1])))
     for row in report["rows"]:
         if row["batch"] == 1 and peak:
             row["tflops"] = flops * args.steps / row["s_per_object"] / 1e12
@@ -314,6 +346,12 @@ def main(argv: list[str] | None = None) -> None:
             pipe(images, seed=0, sampler_cfg=replace(cfg, num_steps=10, cuda_graphs=False))
             torch.cuda.synchronize()
         args.profile.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60))
+        report["profile_ms"] = summary = profile_summary(prof)
+        total = sum(summary.values())
+        print(f"\n{args.analyse}: GPU kernel time of 10 eager steps + the final pass by kind ({total:.0f} ms):")
+        for kind, ms in summary.items():
+            print(f"  {kind}: {ms:.1f} ms ({100 * ms / total:.0f}%)")
+        save()
 
 
 if __name__ == "__main__":

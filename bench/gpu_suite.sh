@@ -11,6 +11,7 @@ python -m gen3diffusion.selfcheck --output "$out/selfcheck.png" > "$out/selfchec
 python bench/bench_render.py --device cuda > "$out/bench_render.log" 2>&1
 python bench/bench_sample.py --modes reference fast --batch-sizes 1 8 --profile "$out/profile.txt" \
     --json "$out/bench_sample.json" > "$out/bench_sample.log" 2>&1
-python bench/bench_sample.py --modes compile --batch-sizes 1 --analyse none --json "$out/bench_compile.json" \
-    > "$out/bench_compile.log" 2>&1
+python bench/bench_group_norm.py > "$out/bench_group_norm.log" 2>&1
+python bench/bench_sample.py --modes reference fast-nchw compile --batch-sizes 1 --analyse none \
+    --json "$out/bench_compile.json" > "$out/bench_compile.log" 2>&1
 tail -3 "$out"/*.log

@@ -1,0 +1,82 @@
+"""Time GroupNorm + SiLU at the activation shapes of one sampling step, three ways, in bfloat16 on CUDA:
+
+- ``nchw``: ``F.group_norm`` then ``F.silu`` on NCHW tensors (the layout without channels_last);
+- ``nhwc-torch``: the same ops on channels_last tensors (PyTorch converts to NCHW and back inside);
+- ``nhwc-fused``: this project's Triton kernels (``gen3diffusion.models.kernels``).
+
+For each it prints microseconds per call (CUDA graphs, so launch overhead does not count) and the effective
+bandwidth of one read and one write of the activation.
+
+    python bench/bench_group_norm.py
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from gen3diffusion.models.kernels import triton_group_norm
+
+# (label, N, C, H, W): the largest activations of the VAE decoder (8 images), the 3D U-Net (5 views) and the MV UNet
+SHAPES = [
+    ("VAE decoder 256^2 x 128", 8, 128, 256, 256),
+    ("VAE decoder 128^2 x 256", 8, 256, 128, 128),
+    ("VAE decoder 64^2 x 512", 8, 512, 64, 64),
+    ("VAE encoder 256^2 x 128", 4, 128, 256, 256),
+    ("3D U-Net 256^2 x 64", 5, 64, 256, 256),
+    ("3D U-Net 128^2 x 128", 5, 128, 128, 128),
+    ("MV UNet 32^2 x 320", 10, 320, 32, 32),
+    ("MV UNet 8^2 x 1280", 10, 1280, 8, 8),
+]
+
+
+def time_us(fn, iters: int) -> float:
+    """Mean microseconds per call over ``iters`` replays of a CUDA graph of ``fn``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(), fn()  # compile / choose kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / iters
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iters", type=int, default=50)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_group_norm.py needs a CUDA device")
+    print(f"{torch.cuda.get_device_name()}, bfloat16, 32 groups, GroupNorm + SiLU, us per call (GB/s of 1 read + 1 "
+          "write)\n")
+    print("| activation | N x C x H x W | nchw | nhwc-torch | nhwc-fused |")
+    print("|---|---|---|---|---|")
+    for label, n, c, h, w in SHAPES:
+        x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16)
+        x_cl = x.to(memory_format=torch.channels_last)
+        weight, bias = torch.randn(c, device="cuda", dtype=x.dtype), torch.randn(c, device="cuda", dtype=x.dtype)
+        runs = {
+            "nchw": lambda: F.silu(F.group_norm(x, 32, weight, bias, 1e-6)),
+            "nhwc-torch": lambda: F.silu(F.group_norm(x_cl, 32, weight, bias, 1e-6)),
+            "nhwc-fused": lambda: triton_group_norm(x_cl, 32, weight, bias, 1e-6, silu=True),
+        }
+        cells = []
+        for fn in runs.values():
+            us = time_us(fn, args.iters)
+            cells.append(f"{us:.0f} ({2 * x.numel() * x.element_size() / us / 1e3:.0f})")
+        print(f"| {label} | {n}x{c}x{h}x{w} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
