@@ -81,15 +81,31 @@ def render_turntable(
     return np.concatenate([to_uint8(out.rgb[0]) for out in rasterize_chunks(gaussians, cams, chunk)])
 
 
+def require_video_writer() -> None:
+    """Raise a RuntimeError that says what to install when imageio cannot write .mp4 (its ffmpeg plugin is missing;
+    imageio would otherwise pick another plugin and fail with an unrelated error)."""
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError("writing turntable.mp4 needs imageio's ffmpeg plugin: pip install 'imageio[ffmpeg]' "
+                           "(or pass --no-video)") from err
+
+
 def save_video(frames: np.ndarray, path: str | Path, fps: int = 24) -> Path:
     """Atomically write [T, H, W, 3] uint8 frames as an H.264 .mp4 (imageio-ffmpeg)."""
+    require_video_writer()
     import imageio.v2 as imageio
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.mp4")
-    with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1) as writer:
-        for frame in frames:
-            writer.append_data(frame)
+    try:
+        with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8,
+                                macro_block_size=1) as writer:
+            for frame in frames:
+                writer.append_data(frame)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return path
 

@@ -25,7 +25,7 @@ from gen3diffusion.config import SamplerConfig
 from gen3diffusion.mesh import MeshConfig
 from gen3diffusion.pipeline import BORDER_RATIO
 from gen3diffusion.preprocess import ImageError, list_images, load_image, preprocess_image
-from gen3diffusion.outputs import save_result
+from gen3diffusion.outputs import require_video_writer, save_result
 
 logger = logging.getLogger("sample")
 
@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         logger.error("%s: no images found", args.image)
         return 2
+    if args.video:
+        try:
+            require_video_writer()  # before the long work, not after it
+        except RuntimeError as err:
+            logger.error("%s", err)
+            return 2
     try:
         pipe = load_pipeline(args)
     except (FileNotFoundError, ValueError, RuntimeError) as err:

@@ -104,3 +104,22 @@ def test_missing_path_and_incomplete_weights(weights, tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         assert run(["--image", str(image), "--weights", str(partial), "--output", str(tmp_path / "o")]) == 2
     assert any("missing model_1.safetensors" in r.getMessage() for r in caplog.records)
+
+
+def test_missing_video_writer_fails_before_sampling(weights, tmp_path, caplog, monkeypatch):
+    """Without imageio's ffmpeg plugin, --video (the default) stops at once with what to install, instead of an
+    unrelated error from another imageio plugin after the sampling; save_video leaves no temporary file."""
+    import sys
+
+    from gen3diffusion.outputs import save_video
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # makes `import imageio_ffmpeg` raise ImportError
+    image = write_object_png(tmp_path / "cup.png")
+    with caplog.at_level(logging.ERROR):
+        code = run(["--image", str(image), "--weights", str(weights), "--output", str(tmp_path / "out")])
+    assert code == 2
+    assert any("imageio[ffmpeg]" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(RuntimeError, match="--no-video"):
+        save_video(np.zeros((2, 16, 16, 3), np.uint8), tmp_path / "t.mp4")
+    assert list(tmp_path.glob("*.mp4")) == [] and list(tmp_path.glob(".*")) == []
