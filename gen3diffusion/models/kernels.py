@@ -38,8 +38,9 @@ except ImportError:  # CPU-only installs: the reference path is used
 __all__ = ["GroupNorm", "conv_without_bias", "fuse_vae_blocks", "group_norm", "residual_add",
            "shortcut_without_bias", "triton_group_norm", "triton_residual_add"]
 
-_BLOCK_R = 64  # rows (pixels) per tile
+_STATS_BLOCK_R, _STATS_WARPS = 128, 4  # statistics: pixels per loop step of a program, warps per program
 _TARGET_PROGRAMS = 1024  # statistics programs per call: enough to fill the GPU, few partials to merge
+_NORM_BLOCK_R, _NORM_WARPS = 64, 4  # normalisation: pixels per program, warps per program
 _BLOCK_FLAT = 2048  # elements per program of the residual kernel
 
 
@@ -180,20 +181,21 @@ def triton_group_norm(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, 
     block_c = min(64, triton.next_power_of_2(C))
     col_blocks = triton.cdiv(C, block_c)
     chunks_wanted = max(1, _TARGET_PROGRAMS // (N * col_blocks))
-    rows_per_chunk = _BLOCK_R * triton.cdiv(triton.cdiv(HW, chunks_wanted), _BLOCK_R)
+    rows_per_chunk = _STATS_BLOCK_R * triton.cdiv(triton.cdiv(HW, chunks_wanted), _STATS_BLOCK_R)
     chunks = triton.cdiv(HW, rows_per_chunk)
 
     partial = torch.empty(2, N, chunks, C, device=x.device, dtype=torch.float32)  # per-channel (mean, M2) per chunk
     _chunk_stats_kernel[(chunks, N, col_blocks)](
-        x, partial[0], partial[1], HW, C, rows_per_chunk, chunks, BLOCK_R=_BLOCK_R, BLOCK_C=block_c)
+        x, partial[0], partial[1], HW, C, rows_per_chunk, chunks, BLOCK_R=_STATS_BLOCK_R, BLOCK_C=block_c,
+        num_warps=_STATS_WARPS)
     stats = torch.empty(2, N, num_groups, device=x.device, dtype=torch.float32)  # (mean, rstd) per group
     _group_stats_kernel[(num_groups, N)](
         partial[0], partial[1], shift, stats[0], stats[1], HW, C, D, chunks, rows_per_chunk, shift_row_stride, eps,
         BLOCK_K=min(64, triton.next_power_of_2(chunks)), BLOCK_D=triton.next_power_of_2(D), SHIFT=has_shift)
     y = torch.empty_like(x)  # keeps channels_last
-    _normalize_kernel[(triton.cdiv(HW, _BLOCK_R), N, col_blocks)](
+    _normalize_kernel[(triton.cdiv(HW, _NORM_BLOCK_R), N, col_blocks)](
         x, y, weight, bias, shift, stats[0], stats[1], HW, C, D, num_groups, shift_row_stride,
-        BLOCK_R=_BLOCK_R, BLOCK_C=block_c, SILU=silu, SHIFT=has_shift)
+        BLOCK_R=_NORM_BLOCK_R, BLOCK_C=block_c, SILU=silu, SHIFT=has_shift, num_warps=_NORM_WARPS)
     return y
 
 
