@@ -118,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=["reference", "fast"])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--render-size", type=int, default=SamplerConfig.render_size,
+                   help="refinement render size (the authors' 512; 256 is the speed option measured in "
+                        "docs/benchmarks.md)")
     p.add_argument("--iters", type=int, default=2, help="timed runs per mode and batch size (the reference: 1)")
     p.add_argument("--analyse", choices=[*MODES, "none"], default="fast",
                    help="the mode whose step is broken down into parts and profiled (none: skip FLOPs, parity of a "
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.backends.cudnn.benchmark = True
     device = torch.device("cuda")
     card = torch.cuda.get_device_name()
-    cfg = SamplerConfig(num_steps=args.steps)
+    cfg = SamplerConfig(num_steps=args.steps, render_size=args.render_size)
     report: dict = {"card": card, "rows": [], "parity": {}}
     outputs = {}
 
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
 
-    print(f"{card}; {args.steps} steps, CFG {cfg.guidance_scale:g}, refinement on\n")
+    print(f"{card}; {args.steps} steps, CFG {cfg.guidance_scale:g}, refinement on, renders at {cfg.render_size}\n")
     print("| mode | batch | s / object | vs reference | peak allocated | peak reserved | warm-up |")
     print("|---|---|---|---|---|---|---|")
     for mode in args.modes:  # one pipeline on the card at a time, so each peak counts only its own weights
