@@ -41,3 +41,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """Tiny random weights in the authors' layout (tiny_weights.write_official_folder), one folder per module."""
+    from tiny_weights import write_official_folder
+
+    return write_official_folder(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture
+def tiny_3d_config(monkeypatch) -> None:
+    """The authors' layout stores no 3D-model config and the scripts load the official size: point them at tiny
+    (modules that run the scripts use it for every test: ``pytestmark = pytest.mark.usefixtures(...)``)."""
+    from tiny_weights import use_tiny_3d_config
+
+    use_tiny_3d_config(monkeypatch)

@@ -23,7 +23,7 @@ from gen3diffusion.data.synthetic import write_synthetic_dataset
 from gen3diffusion.eval.backbones import LoadedBackbone
 from gen3diffusion.eval.image_metrics import FrechetDistance, LPIPSMetric, frechet_distance_of_features, psnr
 from gen3diffusion.eval.runner import RenderMesh, discover_objects, load_mesh, match_ring, render_mesh
-from tiny_weights import TINY_IMAGE_SIZE, load_script, use_tiny_3d_config, write_official_folder
+from tiny_weights import TINY_IMAGE_SIZE, load_script
 
 RING = 8
 FOVY = 49.1
@@ -31,17 +31,7 @@ TEXTURE = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [255, 255, 0]]], d
 
 
 eval_gso = load_script("eval_gso")
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return write_official_folder(tmp_path_factory.mktemp("weights"))
-
-
-@pytest.fixture(autouse=True)
-def tiny_3d_config(monkeypatch):
-    """The authors' layout stores no 3D-model config; the script loads the official size, so point it at tiny."""
-    use_tiny_3d_config(monkeypatch)
+pytestmark = pytest.mark.usefixtures("tiny_3d_config")  # conftest.py
 
 
 @pytest.fixture(autouse=True)

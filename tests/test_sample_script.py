@@ -11,23 +11,13 @@ import pytest
 from PIL import Image
 
 from gen3diffusion.gaussians import load_ply
-from tiny_weights import load_script, use_tiny_3d_config, write_official_folder
+from tiny_weights import load_script
 
 FRAMES = 6
 
 
 sample = load_script("sample")
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return write_official_folder(tmp_path_factory.mktemp("weights"))
-
-
-@pytest.fixture(autouse=True)
-def tiny_3d_config(monkeypatch):
-    """The authors' layout stores no 3D-model config; the script loads the official size, so point it at tiny."""
-    use_tiny_3d_config(monkeypatch)
+pytestmark = pytest.mark.usefixtures("tiny_3d_config")  # conftest.py
 
 
 def write_object_png(path: Path, color=(200, 40, 30)) -> Path:
