@@ -217,6 +217,13 @@ def triton_residual_add(h: Tensor, bias: Tensor, skip: Tensor, scale: float = 1.
 if triton is not None:
 
     @triton.jit
+    def _merge(count, mean, m2, count_b, mean_b, m2_b):
+        """Chan et al.'s merge of two (count, mean, M2) summaries into one."""
+        total = count + count_b
+        delta = mean_b - mean
+        return total, mean + delta * (count_b / total), m2 + m2_b + delta * delta * (count * count_b / total)
+
+    @triton.jit
     def _chunk_stats_kernel(x_ptr, mean_ptr, m2_ptr, HW, C, rows_per_chunk, num_chunks,
                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """Per-channel mean and M2 (sum of squared deviations) of ``rows_per_chunk`` pixels of one sample."""
@@ -236,11 +243,7 @@ if triton is not None:
             n_b = tl.sum(row_ok.to(tl.float32), axis=0)
             mean_b = tl.sum(x, axis=0) / n_b
             dev = tl.where(ok, x - mean_b[None, :], 0.0)
-            total = count + n_b
-            delta = mean_b - mean
-            mean += delta * (n_b / total)
-            m2 += tl.sum(dev * dev, axis=0) + delta * delta * (count * n_b / total)
-            count = total
+            count, mean, m2 = _merge(count, mean, m2, n_b, mean_b, tl.sum(dev * dev, axis=0))
         out = (n * num_chunks + chunk) * C + cols
         tl.store(mean_ptr + out, mean, mask=col_ok)
         tl.store(m2_ptr + out, m2, mask=col_ok)
@@ -274,11 +277,7 @@ if triton is not None:
             mean_b = tl.sum(tl.sum(weight * mean_c, axis=1), axis=0) / n_b
             dev = tl.where(ok, mean_c - mean_b, 0.0)
             m2_b = tl.sum(tl.sum(m2_c + weight * dev * dev, axis=1), axis=0)
-            total = count + n_b
-            delta = mean_b - mean
-            mean += delta * (n_b / total)
-            m2 += m2_b + delta * delta * (count * n_b / total)
-            count = total
+            count, mean, m2 = _merge(count, mean, m2, n_b, mean_b, m2_b)
         tl.store(group_mean_ptr + n * G + g, mean)
         tl.store(group_rstd_ptr + n * G + g, 1.0 / tl.sqrt(m2 / count + eps))
 
@@ -298,9 +297,9 @@ if triton is not None:
         mean = tl.load(group_mean_ptr + groups, mask=col_ok, other=0.0)
         if SHIFT:
             mean -= tl.load(shift_ptr + n * shift_row_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
-        shift = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) - mean * scale
+        offset = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) - mean * scale
         offsets = n.to(tl.int64) * HW * C + rows[:, None] * C + cols[None, :]
-        y = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
+        y = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32) * scale[None, :] + offset[None, :]
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=ok)
