@@ -1,5 +1,5 @@
-"""The fused channels_last kernels (GroupNorm + SiLU + shift, the residual epilogue) against PyTorch's ops, and the
-switch of diffusers' VAE blocks to them.
+"""The fused channels_last kernels (GroupNorm + SiLU + shift, the residual epilogue, the sub-pixel upsampling conv)
+against PyTorch's ops, and the switch of diffusers' VAE blocks to them.
 
 CPU: the module and the VAE swap leave every output and state-dict key as before; the kernels themselves run in
 Triton's interpreter (a subprocess with ``TRITON_INTERPRET=1``, float32 on the CPU), including group widths that are
@@ -22,11 +22,15 @@ from diffusers.models.resnet import ResnetBlock2D
 
 from gen3diffusion.models.kernels import (
     GroupNorm,
+    _cached_subpixel_weight,
     fuse_vae_blocks,
     group_norm,
     residual_add,
+    subpixel_upsample_conv,
+    subpixel_weight,
     triton_group_norm,
     triton_residual_add,
+    upsample_conv,
 )
 
 TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
@@ -58,8 +62,8 @@ def test_vae_swap_keeps_outputs_and_keys():
     with torch.no_grad():
         latents = vae.encode(x).latent_dist.mean
         images = vae.decode(latents).sample
-    # 10 resnets (encoder: 2 down + 2 mid; decoder: 2 mid + 2 x 2 up), 2 attention norms, 2 output norms
-    assert fuse_vae_blocks(vae) == 10 + 2 + 2
+    # 10 resnets (encoder: 2 down + 2 mid; decoder: 2 mid + 2 x 2 up), 2 attention norms, 2 output norms, 1 upsampler
+    assert fuse_vae_blocks(vae) == 10 + 2 + 2 + 1
     assert fuse_vae_blocks(vae) == 0
     assert list(vae.state_dict()) == keys
     assert not any(type(m) is torch.nn.GroupNorm for m in vae.modules())
@@ -68,6 +72,36 @@ def test_vae_swap_keeps_outputs_and_keys():
         # float32, same math in another order of additions: a few ulp of the O(1) activations
         torch.testing.assert_close(vae.encode(x).latent_dist.mean, latents, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(vae.decode(latents).sample, images, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 4, 6), (1, 3, 3, 1, 1), (3, 8, 4, 7, 5)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_subpixel_upsample_conv_is_upsample_then_conv(shape, with_bias):
+    """In float64 the sub-pixel form equals nearest x2 + 3x3 conv to rounding, for odd sizes, a single pixel and
+    either input layout; the output is channels_last."""
+    n, ci, co, h, w = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, ci, h, w, dtype=torch.float64, generator=g)
+    weight = torch.randn(co, ci, 3, 3, dtype=torch.float64, generator=g)
+    bias = torch.randn(co, dtype=torch.float64, generator=g) if with_bias else None
+    ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        out = subpixel_upsample_conv(x.to(memory_format=layout), subpixel_weight(weight), bias)
+        assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+
+
+def test_subpixel_weight_cache_follows_the_weight():
+    """The cached phase kernels are made anew when the weight changes in place or is replaced."""
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    first = _cached_subpixel_weight(conv)
+    assert _cached_subpixel_weight(conv) is first
+    with torch.no_grad():
+        conv.weight.mul_(2)
+    torch.testing.assert_close(_cached_subpixel_weight(conv), subpixel_weight(conv.weight).detach())
+    conv.weight = torch.nn.Parameter(torch.randn(6, 4, 3, 3))
+    torch.testing.assert_close(_cached_subpixel_weight(conv), subpixel_weight(conv.weight).detach())
+    assert "_subpixel_cache" not in "".join(conv.state_dict())
 
 
 def test_kernels_in_triton_interpreter():
@@ -145,6 +179,24 @@ def test_kernels_bf16_on_gpu(shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(8, 256, 128, 128, 256), (5, 1024, 8, 8, 1024), (10, 640, 16, 16, 640)])
+def test_upsample_conv_bf16_on_gpu(shape):
+    """The sub-pixel path (bf16, channels_last, CUDA) against float64 nearest x2 + conv: bf16 rounding only."""
+    n, ci, h, w, co = shape
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(ci, co, 3, padding=1).cuda()
+    x = torch.randn(n, ci, h, w, device="cuda")
+    with torch.no_grad():
+        ref = F.conv2d(F.interpolate(x.double(), scale_factor=2.0, mode="nearest"), conv.weight.double(),
+                       conv.bias.double(), padding=1)
+        conv.to(torch.bfloat16, memory_format=torch.channels_last)
+        out = upsample_conv(conv, x.to(torch.bfloat16, memory_format=torch.channels_last))
+    assert getattr(conv, "_subpixel_cache", None) is not None  # the sub-pixel path ran
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.double() - ref).norm() / ref.norm() < 1e-2
+
+
+@pytest.mark.gpu
 def test_vae_with_kernels_matches_reference_on_gpu():
     """A channels_last bf16 VAE with the kernels against the same VAE in float32 through F.group_norm."""
     torch.manual_seed(0)
@@ -152,7 +204,7 @@ def test_vae_with_kernels_matches_reference_on_gpu():
     vae16 = AutoencoderKL(**TINY_VAE).cuda().eval()
     vae16.load_state_dict(vae32.state_dict())
     vae16.to(torch.bfloat16, memory_format=torch.channels_last)
-    assert fuse_vae_blocks(vae16) == 14
+    assert fuse_vae_blocks(vae16) == 15
     x = torch.rand(4, 3, 64, 64, device="cuda") * 2 - 1
     with torch.no_grad():
         ref = vae32.decode(vae32.encode(x).latent_dist.mean).sample

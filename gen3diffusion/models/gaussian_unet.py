@@ -23,7 +23,13 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from gen3diffusion.gaussians import Gaussians, activate
-from gen3diffusion.models.kernels import GroupNorm, conv_without_bias, residual_add, shortcut_without_bias
+from gen3diffusion.models.kernels import (
+    GroupNorm,
+    conv_without_bias,
+    residual_add,
+    shortcut_without_bias,
+    upsample_conv,
+)
 from gen3diffusion.models.loading import load_state_dict_strict, read_state_dict, resolve_file
 
 if TYPE_CHECKING:
@@ -183,7 +189,7 @@ class UpBlock(nn.Module):
             if self.attns:
                 x = self.attns[i](x, num_views)
         if self.upsample is not None:
-            x = self.upsample(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+            x = upsample_conv(self.upsample, x)  # nearest x2, then the conv
         return x
 
 

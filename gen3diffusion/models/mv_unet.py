@@ -24,7 +24,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
-from .kernels import GroupNorm, conv_without_bias, residual_add, shortcut_without_bias
+from .kernels import GroupNorm, conv_without_bias, residual_add, shortcut_without_bias, upsample_conv
 from .loading import find_weights_file, load_state_dict_strict, read_state_dict, resolve_file, resolve_source
 
 __all__ = ["MultiViewUNet", "load_mv_unet", "timestep_embedding"]
@@ -222,7 +222,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv(self.conv, x)
 
 
 class UNetBlock(nn.Sequential):
