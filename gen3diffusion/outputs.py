@@ -78,7 +78,7 @@ def render_turntable(
     azimuth = torch.arange(num_frames, dtype=torch.float32) * (360.0 / num_frames)
     c2w = orbit_camera(torch.full_like(azimuth, elevation), azimuth, radius).to(gaussians.means.device)
     cams = Cameras.from_fovy(c2w, fovy, size, size)
-    return np.concatenate([to_uint8(out.rgb[0]) for out in rasterize_chunks(gaussians, cams, chunk)])
+    return np.concatenate([to_uint8(out.rgb[0]) for out in rasterize_chunks(gaussians, cams, chunk, depth=False)])
 
 
 def require_video_writer() -> None:
@@ -139,7 +139,7 @@ def save_result(
     count = save_ply(gaussians, folder / "gaussians.ply")
     written.append(folder / "gaussians.ply")
     cams = Cameras.from_fovy(target_cameras(camera_cfg.radius).to(gaussians.means.device), camera_cfg.fovy, size, size)
-    renders = rasterize(gaussians, cams, background=(1.0, 1.0, 1.0)).rgb[0]
+    renders = rasterize(gaussians, cams, background=(1.0, 1.0, 1.0), depth=False).rgb[0]
     written.append(save_png(multiview_sheet(input_image, views, renders), folder / "multiview.png"))
     if video_frames:
         frames = render_turntable(gaussians, video_frames, size, camera_cfg.radius, camera_cfg.fovy)

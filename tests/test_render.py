@@ -297,6 +297,17 @@ def test_shared_cameras_broadcast_over_the_batch():
         torch.testing.assert_close(value, _fields(expanded)[name], atol=0, rtol=0, msg=name)
 
 
+def test_colour_only_render_equals_the_full_one():
+    """``depth=False`` composites colour alone: the same rgb and alpha, no depth or distortion."""
+    g = _random_gaussians(120, batch=2, seed=7)
+    cams = _cameras((0.0, 90.0, 180.0), size=20)
+    full = rasterize(g, cams, backend="torch")
+    rgb_only = rasterize(g, cams, backend="torch", depth=False)
+    assert rgb_only.depth is None and rgb_only.distortion is None
+    torch.testing.assert_close(rgb_only.rgb, full.rgb, atol=1e-12, rtol=0)
+    torch.testing.assert_close(rgb_only.alpha, full.alpha, atol=1e-12, rtol=0)
+
+
 def test_auto_backend_on_cpu_is_torch_and_structured_configs_work():
     g = _random_gaussians(30, seed=8)
     cams = _cameras(size=16)

@@ -113,3 +113,15 @@ def test_gsplat_lone_gaussian_depth_and_orientation():
     covered = out.alpha > 0
     torch.testing.assert_close(out.depth[covered], torch.full_like(out.depth[covered], z), atol=1e-4, rtol=0)
     assert float(out.distortion.abs().max()) < 1e-5
+
+
+def test_gsplat_colour_only_render_equals_the_full_one():
+    """``depth=False`` (what sampling uses) composites 3 instead of 5 features: the same rgb and alpha."""
+    g = _scene(65536, seed=3)
+    cams = _cameras(512)
+    with torch.no_grad():
+        full = rasterize(g, cams, backend="gsplat", cfg=CFG)
+        rgb_only = rasterize(g, cams, backend="gsplat", cfg=CFG, depth=False)
+    assert rgb_only.depth is None
+    torch.testing.assert_close(rgb_only.rgb, full.rgb, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rgb_only.alpha, full.alpha, atol=1e-5, rtol=0)

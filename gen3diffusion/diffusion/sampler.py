@@ -204,7 +204,7 @@ class JointSampler:
 
     def render(self, raw: Tensor, cameras: Cameras) -> Tensor:
         """The V target views [B, V, 3, s, s] of the Gaussians, on white, clamped to [0, 1]."""
-        out = rasterize(activate(raw.float()), cameras, background=(1.0, 1.0, 1.0), cfg=self.render_cfg)
+        out = rasterize(activate(raw.float()), cameras, background=(1.0, 1.0, 1.0), cfg=self.render_cfg, depth=False)
         return out.rgb.clamp(0, 1)
 
     # --- one step and the whole loop ---------------------------------------------------------------------------

@@ -614,7 +614,7 @@ class Evaluator:
         size = self.cfg.image_size
         cams = Cameras.from_fovy(self.ring_c2w.float().to(gaussians.device), self.fovy, size)
         views = [rasterize(gaussians, Cameras(cams.c2w[i:i + chunk], cams.K[i:i + chunk], size, size),
-                           background=(1.0, 1.0, 1.0), cfg=self.pipe.cfg.render).rgb[0]
+                           background=(1.0, 1.0, 1.0), cfg=self.pipe.cfg.render, depth=False).rgb[0]
                  for i in range(0, len(cams.c2w), chunk)]
         return torch.cat(views)
 
@@ -624,7 +624,8 @@ class Evaluator:
         Gaussians from the same V target cameras (mean over views)."""
         V, _, H, W = views.shape
         cams = Cameras.from_fovy(target_cameras(self.radius).to(gaussians.device), self.fovy, W, H)
-        render = rasterize(gaussians, cams, background=(1.0, 1.0, 1.0), cfg=self.pipe.cfg.render).rgb[0]
+        render = rasterize(gaussians, cams, background=(1.0, 1.0, 1.0), cfg=self.pipe.cfg.render,
+                           depth=False).rgb[0]
         return float(psnr(render.clamp(0, 1).cpu(), views.float().cpu()).double().mean())
 
     def _image_metrics(self, pred: Tensor, gt: Tensor) -> tuple[dict, dict, dict]:

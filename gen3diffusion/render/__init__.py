@@ -3,7 +3,8 @@
 Two backends behind one entry point: gsplat on CUDA (``_gsplat.py``) and a pure-PyTorch tiled rasterizer that runs
 anywhere (``_torch.py``) with gsplat's conventions, so the two agree on the same inputs. Both composite the same
 per-camera features - colour, camera depth z and a centred z^2 - from which this module derives the expected depth
-and the depth distortion (the weighted depth variance times alpha, the regulariser of the 3D loss).
+and the depth distortion (the weighted depth variance times alpha, the regulariser of the 3D loss). Callers that only
+need colour (sampling, turntables, evaluation) pass ``depth=False`` and composite the colour alone.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ class RenderOutput:
 
     rgb: Tensor  # [B, V, 3, H, W] composited over the background
     alpha: Tensor  # [B, V, 1, H, W] accumulated opacity
-    depth: Tensor  # [B, V, 1, H, W] expected camera depth sum(w z) / max(alpha, eps)
-    distortion: Tensor  # [B, V, 1, H, W] sum(w z^2) - sum(w z)^2 / max(alpha, eps) >= 0
+    depth: Tensor | None  # [B, V, 1, H, W] expected camera depth sum(w z) / max(alpha, eps); None if not asked for
+    distortion: Tensor | None  # [B, V, 1, H, W] sum(w z^2) - sum(w z)^2 / max(alpha, eps) >= 0; None likewise
 
 
 def rasterize(
@@ -44,6 +45,7 @@ def rasterize(
     background: Sequence[float] | Tensor = (1.0, 1.0, 1.0),
     backend: str | None = None,
     cfg: RenderConfig | None = None,
+    depth: bool = True,
 ) -> RenderOutput:
     """Render B sets of Gaussians from V cameras each, differentiably w.r.t. every Gaussian parameter.
 
@@ -55,10 +57,11 @@ def rasterize(
         backend: "auto" (gsplat for CUDA tensors, torch otherwise), "gsplat" or "torch"; None takes
             ``cfg.backend``.
         cfg: rasterizer settings (2D dilation, near plane, cut-off, alpha clamps); defaults to ``RenderConfig()``.
+        depth: also composite depth and its distortion (False: colour and alpha only, fewer features per pixel).
 
     Returns:
-        ``RenderOutput`` with rgb [B, V, 3, H, W] and alpha, depth, distortion [B, V, 1, H, W]. Depth is the camera
-        z along the optical axis.
+        ``RenderOutput`` with rgb [B, V, 3, H, W] and alpha, depth, distortion [B, V, 1, H, W] (without ``depth``
+        these two are None). Depth is the camera z along the optical axis.
     """
     cfg = cfg if cfg is not None else RenderConfig()
     backend = _resolve_backend(backend if backend is not None else cfg.backend, gaussians.means)
@@ -68,13 +71,13 @@ def rasterize(
     V, H, W = viewmats.shape[1], int(cameras.height), int(cameras.width)
     bg = _background(background, B, V, means)  # [B, V, 3]
 
-    # per-camera features: colour, z, and (z - z0)^2 with z0 a per-view reference depth that keeps the
-    # variance free of cancellation in float32 (the variance does not depend on z0)
-    z = torch.einsum("bvj,bnj->bvn", viewmats[:, :, 2, :3], means) + viewmats[:, :, None, 2, 3]  # [B, V, N]
-    z0 = z.detach().mean(-1, keepdim=True)  # [B, V, 1]
-    feats = torch.cat(
-        [colors[:, None].expand(B, V, N, 3), z[..., None], ((z - z0) ** 2)[..., None]], dim=-1
-    )  # [B, V, N, 5]
+    feats = colors[:, None].expand(B, V, N, 3)  # [B, V, N, 3]
+    if depth:
+        # and camera z and (z - z0)^2, with z0 a per-view reference depth that keeps the variance free of
+        # cancellation in float32 (the variance does not depend on z0)
+        z = torch.einsum("bvj,bnj->bvn", viewmats[:, :, 2, :3], means) + viewmats[:, :, None, 2, 3]  # [B, V, N]
+        z0 = z.detach().mean(-1, keepdim=True)  # [B, V, 1]
+        feats = torch.cat([feats, z[..., None], ((z - z0) ** 2)[..., None]], dim=-1)  # [B, V, N, 5]
     common = dict(
         eps2d=cfg.eps2d, near_plane=cfg.near_plane, sigma_cutoff=cfg.sigma_cutoff,
         alpha_max=cfg.alpha_max, alpha_min=cfg.alpha_min,
@@ -90,15 +93,18 @@ def rasterize(
             means, quats, scales, opacities, feats, viewmats, Ks, W, H, **common,
             gaussians_per_step=cfg.torch_gaussians_per_step, chunk_elements=cfg.torch_chunk_elements,
         )
-    sums, alpha = sums.to(means.dtype), alpha.to(means.dtype)  # [B, V, H, W, 5], [B, V, H, W, 1]
+    sums, alpha = sums.to(means.dtype), alpha.to(means.dtype)  # [B, V, H, W, 5 (3 without depth)], [B, V, H, W, 1]
 
+    to_chw = lambda x: x.permute(0, 1, 4, 2, 3)  # noqa: E731  [B, V, H, W, C] -> [B, V, C, H, W]
     rgb = sums[..., :3] + (1 - alpha) * bg[:, :, None, None, :]
+    if not depth:
+        return RenderOutput(rgb=to_chw(rgb), alpha=to_chw(alpha), depth=None, distortion=None)
     safe_alpha = alpha.clamp_min(ALPHA_EPS)
-    depth = sums[..., 3:4] / safe_alpha
+    expected_z = sums[..., 3:4] / safe_alpha
     centred = sums[..., 3:4] - z0[..., None, None] * alpha  # sum(w (z - z0))
     distortion = (sums[..., 4:5] - centred**2 / safe_alpha).clamp_min(0.0)
-    to_chw = lambda x: x.permute(0, 1, 4, 2, 3)  # noqa: E731  [B, V, H, W, C] -> [B, V, C, H, W]
-    return RenderOutput(rgb=to_chw(rgb), alpha=to_chw(alpha), depth=to_chw(depth), distortion=to_chw(distortion))
+    return RenderOutput(rgb=to_chw(rgb), alpha=to_chw(alpha), depth=to_chw(expected_z),
+                        distortion=to_chw(distortion))
 
 
 def rasterize_chunks(
