@@ -44,6 +44,11 @@ from gen3diffusion.render import rasterize
 CLIP_VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
                   image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
 BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense tensor-core peak (vendor data sheets)
+# --gaussian-size trained: added to the random 3D model's scale logits (channels 4:7 of its last conv's bias). The
+# random model's Gaussians have scales of 0.054-0.099 (5-95%; 3-sigma radius about 100 px at 512), five times those
+# of trained Gaussians (0.005-0.03), so they touch about 20 times as many tiles and the render costs what no trained
+# model costs; shifted by -2 they have scales of 0.009-0.021.
+TRAINED_SCALE_LOGIT_SHIFT = -2.0
 # mode -> (dtype, the authors' separate decodes, CUDA graphs, channels_last, torch.compile)
 MODES = {
     "reference": (torch.float32, True, False, False, False),
@@ -52,6 +57,7 @@ MODES = {
     "bf16-eager": (torch.bfloat16, False, False, True, False),
     "fast-nchw": (torch.bfloat16, False, True, False, False),
     "compile": (torch.bfloat16, False, True, True, True),
+    "fast-serial": (torch.bfloat16, None, True, True, False),
 }
 
 
@@ -72,10 +78,18 @@ KERNEL_KINDS = {
 
 
 class ReferenceSampler(JointSampler):
-    """The authors' structure: x0~ and x_t decoded by two separate VAE calls."""
+    """The authors' structure: x0~ and x_t decoded by two separate VAE calls, one after the other."""
+
+    overlap_decode = False
 
     def decode_views(self, x0_2d: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
         return self.decode(x0_2d), self.decode(x_t)
+
+
+class SerialSampler(JointSampler):
+    """The fast sampler without the overlap: one batched decode of x0~ and x_t after the MVD."""
+
+    overlap_decode = False
 
 
 class TimedSampler(JointSampler):
@@ -121,6 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--render-size", type=int, default=SamplerConfig.render_size,
                    help="refinement render size (the authors' 512; 256 is the speed option measured in "
                         "docs/benchmarks.md)")
+    p.add_argument("--gaussian-size", choices=["random", "trained"], default="random",
+                   help="random: the random 3D model's own Gaussians (large, so the render is slow); trained: its scale "
+                        "logits shifted so the Gaussians have the size of trained ones (TRAINED_SCALE_LOGIT_SHIFT)")
     p.add_argument("--iters", type=int, default=2, help="timed runs per mode and batch size (the reference: 1)")
     p.add_argument("--analyse", choices=[*MODES, "none"], default="fast",
                    help="the mode whose step is broken down into parts and profiled (none: skip FLOPs, parity of a "
@@ -130,8 +147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_pipeline(dtype: torch.dtype, device: torch.device) -> Gen3DiffusionPipeline:
-    """Official-size models with random weights, created directly on ``device`` in ``dtype`` (seeded)."""
+def build_pipeline(dtype: torch.dtype, device: torch.device, scale_logit_shift: float = 0.0) -> Gen3DiffusionPipeline:
+    """Official-size models with random weights, created directly on ``device`` in ``dtype`` (seeded);
+    ``scale_logit_shift`` is added to the 3D model's scale logits (see ``TRAINED_SCALE_LOGIT_SHIFT``)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -150,6 +168,8 @@ def build_pipeline(dtype: torch.dtype, device: torch.device) -> Gen3DiffusionPip
         for param in model.parameters():
             if param.dim() > 1 and not param.any():
                 torch.nn.init.normal_(param, std=0.02)
+    with torch.no_grad():
+        model_3d.conv.bias[4:7] += scale_logit_shift
     pipe = Gen3DiffusionPipeline(mv_unet, vae, image_encoder, model_3d, prompts)
     pipe.progress = False
     return pipe
@@ -253,11 +273,11 @@ def profile_summary(prof) -> dict[str, float]:
     return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
-def setup(mode: str, device: torch.device) -> tuple[Gen3DiffusionPipeline, bool]:
+def setup(mode: str, device: torch.device, scale_logit_shift: float = 0.0) -> tuple[Gen3DiffusionPipeline, bool]:
     """A fresh pipeline for ``mode`` and whether it samples with CUDA graphs."""
     dtype, separate_decodes, graphs, channels_last, compiled = MODES[mode]
-    pipe = build_pipeline(dtype, device)
-    pipe.sampler_cls = ReferenceSampler if separate_decodes else JointSampler
+    pipe = build_pipeline(dtype, device, scale_logit_shift)
+    pipe.sampler_cls = {True: ReferenceSampler, False: JointSampler, None: SerialSampler}[separate_decodes]
     if channels_last:
         pipe.use_channels_last()
     if compiled:
@@ -277,18 +297,20 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda")
     card = torch.cuda.get_device_name()
     cfg = SamplerConfig(num_steps=args.steps, render_size=args.render_size)
-    report: dict = {"card": card, "rows": [], "parity": {}}
+    shift = TRAINED_SCALE_LOGIT_SHIFT if args.gaussian_size == "trained" else 0.0
+    report: dict = {"card": card, "gaussian_size": args.gaussian_size, "rows": [], "parity": {}}
     outputs = {}
 
     def save() -> None:
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
 
-    print(f"{card}; {args.steps} steps, CFG {cfg.guidance_scale:g}, refinement on, renders at {cfg.render_size}\n")
+    print(f"{card}; {args.steps} steps, CFG {cfg.guidance_scale:g}, refinement on, renders at {cfg.render_size}, "
+          f"{args.gaussian_size}-size Gaussians\n")
     print("| mode | batch | s / object | vs reference | peak allocated | peak reserved | warm-up |")
     print("|---|---|---|---|---|---|---|")
     for mode in args.modes:  # one pipeline on the card at a time, so each peak counts only its own weights
-        pipe, graphs = setup(mode, device)
+        pipe, graphs = setup(mode, device, shift)
         run_cfg = replace(cfg, cuda_graphs=graphs)
         for b in args.batch_sizes:
             images = torch.rand(b, 3, pipe.image_size, pipe.image_size, device=device,
@@ -312,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.empty_cache()
     if args.analyse == "none":
         return
-    pipe, _ = setup("fast", device)
+    pipe, _ = setup("fast", device, shift)
     images = torch.rand(1, 3, pipe.image_size, pipe.image_size, device=device,
                         generator=torch.Generator(device).manual_seed(1))
     flops_by_op = step_flops(pipe, images)
@@ -327,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
             row["tflops"] = flops * args.steps / row["s_per_object"] / 1e12
             print(f"  {row['mode']}: {row['tflops']:.0f} TFLOP/s = {100 * row['tflops'] / peak:.1f}% of the "
                   f"{peak:g} TFLOP/s bf16 peak")
-    pipe32, _ = setup("fast-fp32", device)
+    pipe32, _ = setup("fast-fp32", device, shift)
     report["part_parity"] = part_parity(pipe32, pipe, images)
     print(f"\none step's parts, bf16 vs fp32 from the same inputs, relative L2 error: {report['part_parity']}")
     del pipe32
@@ -335,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.analyse != "fast":
         del pipe
         torch.cuda.empty_cache()
-        pipe, _ = setup(args.analyse, device)
+        pipe, _ = setup(args.analyse, device, shift)
     report["breakdown_ms"] = breakdown(pipe, images, replace(cfg, cuda_graphs=True))
     print(f"\n{args.analyse}: one step with each part in its own CUDA graph, batch 1, median ms per step:")
     for name, ms in report["breakdown_ms"].items():

@@ -157,7 +157,7 @@ def _camera_matrices(cameras: Cameras, B: int, like: Tensor) -> tuple[Tensor, Te
         raise ValueError(f"cameras.K {list(K.shape)} does not broadcast to [B={B}, V={V}, 3, 3]") from err
     # OpenGL camera axes (y up, looking down -z) -> OpenCV (y down, looking down +z): flip camera y and z
     flip = torch.tensor([1.0, -1.0, -1.0, 1.0], device=like.device, dtype=like.dtype)
-    viewmats = torch.linalg.inv(c2w * flip)  # [B, V, 4, 4]
+    viewmats = torch.linalg.inv_ex(c2w * flip).inverse  # [B, V, 4, 4]; inv_ex: no host sync for an error check
     return viewmats, K
 
 
