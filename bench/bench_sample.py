@@ -6,16 +6,19 @@ vision tower, 3D-GS model 0.42 B; no text encoder: random prompt embeddings stan
 
 - ``reference``: the authors' structure: float32, eager, one VAE decode call per tensor (x0~, then x_t);
 - ``fast``: the default of ``Gen3DiffusionPipeline.from_pretrained`` on CUDA: bfloat16 weights in channels_last
-  with the fused NHWC kernels (``models/kernels.py``), one batched decode of x0~ and x_t, and CUDA graphs for the
-  fixed-shape parts of each step (``SamplerConfig.cuda_graphs``).
+  with the fused NHWC kernels and sub-pixel upsampling convolutions (``models/kernels.py``), x_t decoded on a second
+  stream while the MVD runs, colour-only renders, and CUDA graphs for the fixed-shape parts of each step
+  (``SamplerConfig.cuda_graphs``).
 
 Optional extra modes: ``fast-fp32`` (fast in float32), ``bf16-eager`` (fast without CUDA graphs), ``fast-nchw``
-(fast in NCHW, where the kernels do not apply: the default before them) and ``compile`` (fast plus
-``Gen3DiffusionPipeline.compile``). For every mode and batch size it prints seconds per object, peak GPU memory and
-the speed-up over ``reference``, and the parity of each mode's Gaussians against the reference ones on the same seed
-(after the full run and after two steps). Then, unless ``--analyse none``: the FLOPs of one step and the fraction of
-the card's bf16 peak each mode reaches, the bf16-vs-float32 error of one step's parts from identical inputs, the
-time of each part of a step, and optionally a torch.profiler table.
+(fast in NCHW, where the kernels do not apply), ``fast-serial`` (fast with one batched decode of x0~ and x_t after
+the MVD instead of the overlap) and ``compile`` (fast plus ``Gen3DiffusionPipeline.compile``). For every mode and
+batch size it prints seconds per object, peak GPU memory and the speed-up over ``reference``, and the parity of each
+mode's Gaussians against the reference ones on the same seed (after the full run and after two steps). Then, unless
+``--analyse none``: the FLOPs of one step and the fraction of the card's bf16 peak each mode reaches, the
+bf16-vs-float32 error of one step's parts from identical inputs, the time of each part of a step, and optionally a
+torch.profiler table. ``--gaussian-size trained`` runs every mode with the random 3D model's Gaussians shrunk to the
+size of trained ones, whose render costs what a user's does.
 
     python bench/bench_sample.py --json bench_sample.json
     python bench/bench_sample.py --modes reference fast bf16-eager --batch-sizes 1 --profile profile.txt
@@ -49,7 +52,8 @@ BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense tensor
 # of trained Gaussians (0.005-0.03), so they touch about 20 times as many tiles and the render costs what no trained
 # model costs; shifted by -2 they have scales of 0.009-0.021.
 TRAINED_SCALE_LOGIT_SHIFT = -2.0
-# mode -> (dtype, the authors' separate decodes, CUDA graphs, channels_last, torch.compile)
+# mode -> (dtype, decodes: True the authors' two calls after the MVD, False the default overlap, None one batched call
+# after the MVD; CUDA graphs, channels_last, torch.compile)
 MODES = {
     "reference": (torch.float32, True, False, False, False),
     "fast": (torch.bfloat16, False, True, True, False),
