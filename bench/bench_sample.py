@@ -6,18 +6,17 @@ vision tower, 3D-GS model 0.42 B; no text encoder: random prompt embeddings stan
 
 - ``reference``: the authors' structure: float32, eager, one VAE decode call per tensor (x0~, then x_t);
 - ``fast``: the default of ``Gen3DiffusionPipeline.from_pretrained`` on CUDA: bfloat16 weights in channels_last
-  with the fused NHWC kernels and sub-pixel upsampling convolutions (``models/kernels.py``), x_t decoded on a second
-  stream while the MVD runs, colour-only renders, and CUDA graphs for the fixed-shape parts of each step
+  with the fused NHWC kernels and sub-pixel upsampling convolutions (``models/kernels.py``), one batched decode of
+  x0~ and x_t, colour-only renders, and CUDA graphs for the fixed-shape parts of each step
   (``SamplerConfig.cuda_graphs``).
 
 Optional extra modes: ``fast-fp32`` (fast in float32), ``bf16-eager`` (fast without CUDA graphs), ``fast-nchw``
-(fast in NCHW, where the kernels do not apply), ``fast-serial`` (fast with one batched decode of x0~ and x_t after
-the MVD instead of the overlap) and ``compile`` (fast plus ``Gen3DiffusionPipeline.compile``). For every mode and
-batch size it prints seconds per object, peak GPU memory and the speed-up over ``reference``, and the parity of each
-mode's Gaussians against the reference ones on the same seed (after the full run and after two steps). Then, unless
-``--analyse none``: the FLOPs of one step and the fraction of the card's bf16 peak each mode reaches, the
-bf16-vs-float32 error of one step's parts from identical inputs, the time of each part of a step, and optionally a
-torch.profiler table. ``--gaussian-size trained`` runs every mode with the random 3D model's Gaussians shrunk to the
+(fast in NCHW, where the kernels do not apply) and ``compile`` (fast plus ``Gen3DiffusionPipeline.compile``). For
+every mode and batch size it prints seconds per object, peak GPU memory and the speed-up over ``reference``, and the
+parity of each mode's Gaussians against the reference ones on the same seed (after the full run and after two
+steps). Then, unless ``--analyse none``: the FLOPs of one step and the fraction of the card's bf16 peak each mode
+reaches, the bf16-vs-float32 error of one step's parts from identical inputs, the time of each part of a step, and
+optionally a torch.profiler table. ``--gaussian-size trained`` runs every mode with the random 3D model's Gaussians shrunk to the
 size of trained ones, whose render costs what a user's does.
 
     python bench/bench_sample.py --json bench_sample.json
@@ -52,8 +51,7 @@ BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense tensor
 # of trained Gaussians (0.005-0.03), so they touch about 20 times as many tiles and the render costs what no trained
 # model costs; shifted by -2 they have scales of 0.009-0.021.
 TRAINED_SCALE_LOGIT_SHIFT = -2.0
-# mode -> (dtype, decodes: True the authors' two calls after the MVD, False the default overlap, None one batched call
-# after the MVD; CUDA graphs, channels_last, torch.compile)
+# mode -> (dtype, the authors' separate decodes, CUDA graphs, channels_last, torch.compile)
 MODES = {
     "reference": (torch.float32, True, False, False, False),
     "fast": (torch.bfloat16, False, True, True, False),
@@ -61,7 +59,6 @@ MODES = {
     "bf16-eager": (torch.bfloat16, False, False, True, False),
     "fast-nchw": (torch.bfloat16, False, True, False, False),
     "compile": (torch.bfloat16, False, True, True, True),
-    "fast-serial": (torch.bfloat16, None, True, True, False),
 }
 
 
@@ -82,18 +79,10 @@ KERNEL_KINDS = {
 
 
 class ReferenceSampler(JointSampler):
-    """The authors' structure: x0~ and x_t decoded by two separate VAE calls, one after the other."""
-
-    overlap_decode = False
+    """The authors' structure: x0~ and x_t decoded by two separate VAE calls."""
 
     def decode_views(self, x0_2d: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
         return self.decode(x0_2d), self.decode(x_t)
-
-
-class SerialSampler(JointSampler):
-    """The fast sampler without the overlap: one batched decode of x0~ and x_t after the MVD."""
-
-    overlap_decode = False
 
 
 class TimedSampler(JointSampler):
@@ -281,7 +270,7 @@ def setup(mode: str, device: torch.device, scale_logit_shift: float = 0.0) -> tu
     """A fresh pipeline for ``mode`` and whether it samples with CUDA graphs."""
     dtype, separate_decodes, graphs, channels_last, compiled = MODES[mode]
     pipe = build_pipeline(dtype, device, scale_logit_shift)
-    pipe.sampler_cls = {True: ReferenceSampler, False: JointSampler, None: SerialSampler}[separate_decodes]
+    pipe.sampler_cls = ReferenceSampler if separate_decodes else JointSampler
     if channels_last:
         pipe.use_channels_last()
     if compiled:

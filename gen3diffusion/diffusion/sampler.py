@@ -116,8 +116,6 @@ class JointSampler:
     whose work depends on the Gaussians, and the scheduler run eagerly in between.
     """
 
-    overlap_decode: bool = True  # on CUDA, decode x_t on a second stream while the MVD runs (predict_gaussians)
-
     def __init__(
         self,
         mv_unet: torch.nn.Module,
@@ -169,24 +167,12 @@ class JointSampler:
                           rays: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """MVD with CFG -> x0~ (Eq. 3) -> decode x0~ and x_t -> 3D model (Eq. 8).
 
-        On CUDA (``overlap_decode``) x_t, which does not depend on the MVD, is decoded on a second stream while the
-        MVD runs. Returns eps [B, F, 4, h, w], x0~ [B, V, 4, h, w], the raw Gaussians [B, N, 14] and the decoded x_t
-        views [B, V, 3, H, W]."""
+        Returns eps [B, F, 4, h, w], x0~ [B, V, 4, h, w], the raw Gaussians [B, N, 14] and the decoded x_t views
+        [B, V, 3, H, W]."""
         V = self.num_views
-        if self.overlap_decode and x_t.is_cuda:
-            main, side = torch.cuda.current_stream(), self._side_stream()
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                xt_images = self.decode(x_t[:, :V])  # [B, V, 3, H, W]
-            eps = self.mvd_eps(x_t, t, cond)  # [B, F, 4, h, w]
-            x0_2d = predict_x0(x_t[:, :V], eps[:, :V], alpha_bar_t)  # [B, V, 4, h, w]
-            x0_images = self.decode(x0_2d)
-            main.wait_stream(side)
-            xt_images.record_stream(main)
-        else:
-            eps = self.mvd_eps(x_t, t, cond)  # [B, F, 4, h, w]
-            x0_2d = predict_x0(x_t[:, :V], eps[:, :V], alpha_bar_t)  # [B, V, 4, h, w]
-            x0_images, xt_images = self.decode_views(x0_2d, x_t[:, :V])
+        eps = self.mvd_eps(x_t, t, cond)  # [B, F, 4, h, w]
+        x0_2d = predict_x0(x_t[:, :V], eps[:, :V], alpha_bar_t)  # [B, V, 4, h, w]
+        x0_images, xt_images = self.decode_views(x0_2d, x_t[:, :V])
         B = x_t.shape[0]
         raw = self.model_3d.forward_raw(
             x0_images.to(self.dtype), xt_images.to(self.dtype), rays.expand(B, -1, -1, -1, -1).to(self.dtype),
@@ -215,13 +201,6 @@ class JointSampler:
                                 align_corners=False).unflatten(0, rgb.shape[:2])
         x0_3d = self.encode(rgb, noise)  # [B, V, 4, h, w]
         return eps_from_x0(x_t[:, :V], x0_3d, alpha_bar_t), x0_3d
-
-    def _side_stream(self) -> torch.cuda.Stream:
-        """The second CUDA stream of :meth:`predict_gaussians` (one per sampler and device)."""
-        stream = getattr(self, "_stream", None)
-        if stream is None or stream.device != torch.cuda.current_stream().device:
-            stream = self._stream = torch.cuda.Stream()
-        return stream
 
     def render(self, raw: Tensor, cameras: Cameras) -> Tensor:
         """The V target views [B, V, 3, s, s] of the Gaussians, on white, clamped to [0, 1]."""
