@@ -220,7 +220,8 @@ def fuse_vae_blocks(vae: nn.Module) -> int:
 
     Its residual blocks become :class:`_FusedResnetBlock2D` with :class:`GroupNorm` + SiLU norms, the encoder's and
     decoder's ``conv_norm_out`` absorbs ``conv_act``, the attention blocks' ``group_norm`` becomes a
-    :class:`GroupNorm`, and the decoder's upsamplers run :func:`upsample_conv`. Parameters are shared and state-dict keys unchanged; calling it again changes nothing.
+    :class:`GroupNorm`, and the decoder's upsamplers run :func:`upsample_conv`. Parameters are shared and state-dict
+    keys unchanged; calling it again changes nothing.
     """
     count = 0
     for module in vae.modules():
