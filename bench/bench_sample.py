@@ -16,8 +16,8 @@ every mode and batch size it prints seconds per object, peak GPU memory and the 
 parity of each mode's Gaussians against the reference ones on the same seed (after the full run and after two
 steps). Then, unless ``--analyse none``: the FLOPs of one step and the fraction of the card's bf16 peak each mode
 reaches, the bf16-vs-float32 error of one step's parts from identical inputs, the time of each part of a step, and
-optionally a torch.profiler table. ``--gaussian-size trained`` runs every mode with the random 3D model's Gaussians shrunk to the
-size of trained ones, whose render costs what a user's does.
+optionally a torch.profiler table. ``--gaussian-size trained`` runs every mode with the random 3D model's Gaussians
+shrunk to the size of trained ones, whose render costs what a user's does.
 
     python bench/bench_sample.py --json bench_sample.json
     python bench/bench_sample.py --modes reference fast bf16-eager --batch-sizes 1 --profile profile.txt
@@ -129,8 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="refinement render size (the authors' 512; 256 is the speed option measured in "
                         "docs/benchmarks.md)")
     p.add_argument("--gaussian-size", choices=["random", "trained"], default="random",
-                   help="random: the random 3D model's own Gaussians (large, so the render is slow); trained: its scale "
-                        "logits shifted so the Gaussians have the size of trained ones (TRAINED_SCALE_LOGIT_SHIFT)")
+                   help="random: the random 3D model's own Gaussians (large, so the render is slow); trained: its "
+                        "scale logits shifted so the Gaussians have the size of trained ones (TRAINED_SCALE_LOGIT_SHIFT)")
     p.add_argument("--iters", type=int, default=2, help="timed runs per mode and batch size (the reference: 1)")
     p.add_argument("--analyse", choices=[*MODES, "none"], default="fast",
                    help="the mode whose step is broken down into parts and profiled (none: skip FLOPs, parity of a "
