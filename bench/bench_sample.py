@@ -130,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "docs/benchmarks.md)")
     p.add_argument("--gaussian-size", choices=["random", "trained"], default="random",
                    help="random: the random 3D model's own Gaussians (large, so the render is slow); trained: its "
-                        "scale logits shifted so the Gaussians have the size of trained ones (TRAINED_SCALE_LOGIT_SHIFT)")
+                        "scale logits shifted to the size of trained Gaussians (TRAINED_SCALE_LOGIT_SHIFT)")
     p.add_argument("--iters", type=int, default=2, help="timed runs per mode and batch size (the reference: 1)")
     p.add_argument("--analyse", choices=[*MODES, "none"], default="fast",
                    help="the mode whose step is broken down into parts and profiled (none: skip FLOPs, parity of a "
