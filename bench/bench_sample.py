@@ -4,11 +4,12 @@ Builds the official-size models with random weights directly on the GPU (MV UNet
 vision tower, 3D-GS model 0.42 B; no text encoder: random prompt embeddings stand in for the cached ones) and samples
 ``--steps`` DDIM steps with CFG 5 and refinement, in two modes:
 
-- ``reference``: the authors' structure: float32, eager, one VAE decode call per tensor (x0~, then x_t);
+- ``reference``: the authors' structure: float32, eager, one VAE decode call per tensor (x0~, then x_t), and the
+  3D U-Net's last layers run for the context view too (``trim_context_view=False``);
 - ``fast``: the default of ``Gen3DiffusionPipeline.from_pretrained`` on CUDA: bfloat16 weights in channels_last
   with the fused NHWC kernels and sub-pixel upsampling convolutions (``models/kernels.py``), one batched decode of
-  x0~ and x_t, colour-only renders, and CUDA graphs for the fixed-shape parts of each step
-  (``SamplerConfig.cuda_graphs``).
+  x0~ and x_t, the 3D U-Net's layers after its last attention on the target views only, colour-only renders, and
+  CUDA graphs for the fixed-shape parts of each step (``SamplerConfig.cuda_graphs``).
 
 Optional extra modes: ``fast-fp32`` (fast in float32), ``bf16-eager`` (fast without CUDA graphs), ``fast-nchw``
 (fast in NCHW, where the kernels do not apply) and ``compile`` (fast plus ``Gen3DiffusionPipeline.compile``). For
@@ -51,7 +52,8 @@ BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense tensor
 # of trained Gaussians (0.005-0.03), so they touch about 20 times as many tiles and the render costs what no trained
 # model costs; shifted by -2 they have scales of 0.009-0.021.
 TRAINED_SCALE_LOGIT_SHIFT = -2.0
-# mode -> (dtype, the authors' separate decodes, CUDA graphs, channels_last, torch.compile)
+# mode -> (dtype, the authors' structure (separate decodes, no trimmed context view), CUDA graphs, channels_last,
+# torch.compile)
 MODES = {
     "reference": (torch.float32, True, False, False, False),
     "fast": (torch.bfloat16, False, True, True, False),
@@ -268,9 +270,10 @@ def profile_summary(prof) -> dict[str, float]:
 
 def setup(mode: str, device: torch.device, scale_logit_shift: float = 0.0) -> tuple[Gen3DiffusionPipeline, bool]:
     """A fresh pipeline for ``mode`` and whether it samples with CUDA graphs."""
-    dtype, separate_decodes, graphs, channels_last, compiled = MODES[mode]
+    dtype, authors, graphs, channels_last, compiled = MODES[mode]
     pipe = build_pipeline(dtype, device, scale_logit_shift)
-    pipe.sampler_cls = ReferenceSampler if separate_decodes else JointSampler
+    pipe.sampler_cls = ReferenceSampler if authors else JointSampler
+    pipe.model_3d.trim_context_view = not authors
     if channels_last:
         pipe.use_channels_last()
     if compiled:

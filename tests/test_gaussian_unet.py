@@ -190,6 +190,43 @@ def test_output_count_order_and_ranges(views):
     assert all(t.dtype == torch.float32 for t in (gs.means, gs.scales, gs.rotations, gs.opacities, gs.colors))
 
 
+@pytest.mark.parametrize("up_attention", [(True, True, False), (False, False, False)])
+@pytest.mark.parametrize("batch, channels_last", [(1, False), (2, False), (2, True)])
+def test_trimming_the_context_view_after_the_last_attention_is_exact(up_attention, batch, channels_last):
+    # the layers after the last attention are per view: running them on the target views alone changes nothing
+    model = tiny_model(up_attention=list(up_attention)).double()
+    inp = {k: v.double() if v.is_floating_point() else v for k, v in make_inputs(b=batch).items()}
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    x, timesteps = model.build_input(**inp)
+    with torch.no_grad():
+        full = model.unet(x, timesteps, num_views=5)  # [B*5, 14, S, S]
+        kept = model.unet(x, timesteps, num_views=5, keep_views=4)  # [B*4, 14, S, S]
+        model.trim_context_view = False
+        untrimmed = model.forward_raw(**inp)
+        model.trim_context_view = True
+        trimmed = model.forward_raw(**inp)
+    assert kept.shape == (batch * 4, *full.shape[1:])
+    assert kept.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(kept, full.unflatten(0, (batch, 5))[:, :4].flatten(0, 1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(trimmed, untrimmed, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="keep_views"):
+        model.unet(x, timesteps, num_views=5, keep_views=6)
+
+
+def test_trimmed_views_keep_their_gradients():
+    model = tiny_model().double()
+    model.unet.gradient_checkpointing = True
+    inp = {k: v.double() if v.is_floating_point() else v for k, v in make_inputs(b=2).items()}
+    grads = []
+    for trim in (False, True):
+        model.zero_grad()
+        model.trim_context_view = trim
+        model.forward_raw(**inp).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-12)
+
+
 def test_context_view_is_attended_to():
     model = tiny_model()
     inp = make_inputs(b=1)

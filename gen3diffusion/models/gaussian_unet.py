@@ -183,17 +183,32 @@ class UpBlock(nn.Module):
         self.attns = nn.ModuleList(MultiViewAttention(cout, heads, groups) for _ in skip_channels if attention)
         self.upsample = nn.Conv2d(cout, cout, 3, padding=1) if upsample else None
 
-    def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor, num_views: int) -> Tensor:
+    def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor, num_views: int,
+                keep_views: int | None = None) -> Tensor:
+        """``keep_views``: pass on only the first ``keep_views`` views of each sample (before the upsampling conv)."""
         for i, net in enumerate(self.nets):
             x = net(torch.cat([x, skips[-1 - i]], dim=1), temb)
             if self.attns:
                 x = self.attns[i](x, num_views)
+        if keep_views is not None:
+            x = first_views(x, num_views, keep_views)
         if self.upsample is not None:
             x = upsample_conv(self.upsample, x)  # nearest x2, then the conv
         return x
 
 
 ### the U-Net
+
+
+def first_views(x: Tensor, num_views: int, keep: int) -> Tensor:
+    """The first ``keep`` of the ``num_views`` consecutive views of each sample: [B*F, ...] -> [B*keep, ...].
+
+    Keeps the memory format (a reshape of the strided slice would return NCHW)."""
+    if keep == num_views:
+        return x
+    if x.shape[0] == num_views:  # one sample: a view, no copy
+        return x[:keep]
+    return torch.cat([x[i:i + keep] for i in range(0, x.shape[0], num_views)])
 
 
 def _checkpoint(module: nn.Module, *args):
@@ -260,8 +275,16 @@ class GaussianUNet(nn.Module):
             return self._gradient_checkpointing_func(block, *args)
         return block(*args)
 
-    def forward(self, x: Tensor, timesteps: Tensor, num_views: int) -> Tensor:
-        """``x`` [B*F, Cin, H, W] (F views per sample, consecutive), ``timesteps`` [B*F] -> [B*F, Cout, S, S]."""
+    def forward(self, x: Tensor, timesteps: Tensor, num_views: int, keep_views: int | None = None) -> Tensor:
+        """``x`` [B*F, Cin, H, W] (F views per sample, consecutive), ``timesteps`` [B*F] -> [B*K, Cout, S, S].
+
+        ``keep_views`` = K <= F: only the first K views of each sample are wanted. The others still take part in
+        every attention layer, but the layers after the last one (per-view convolutions and norms, most of the
+        up path's work) run on the K views alone; the output is the same as slicing the full one. Default: all F.
+        """
+        keep = num_views if keep_views is None else keep_views
+        if not 0 < keep <= num_views:
+            raise ValueError(f"keep_views must be in 1..{num_views} (num_views), got {keep_views}")
         feats = timestep_features(timesteps, self.time_freq_dim).to(self.time_embedding.linear_1.weight.dtype)
         temb = self.time_embedding(feats)  # [B*F, D]
         x = self.conv_in(x)
@@ -270,9 +293,21 @@ class GaussianUNet(nn.Module):
             x, block_skips = self._run(block, x, temb, num_views)
             skips += block_skips
         x = self._run(self.mid_block, x, temb, num_views)
-        for block in self.up_blocks:
-            x = self._run(block, x, skips[-self.up_layers_per_block:], temb, num_views)
+        # the last up block with attention trims the views before its upsampling conv; later blocks see K views
+        last_attention = max((i for i, block in enumerate(self.up_blocks) if block.attns), default=-1)
+        temb_kept = first_views(temb, num_views, keep)  # [B*K, D]
+        if last_attention < 0:
+            x = first_views(x, num_views, keep)
+        for i, block in enumerate(self.up_blocks):
+            block_skips = skips[-self.up_layers_per_block:]
             del skips[-self.up_layers_per_block:]
+            if i < last_attention:
+                x = self._run(block, x, block_skips, temb, num_views)
+            elif i == last_attention:
+                x = self._run(block, x, block_skips, temb, num_views, keep)
+            else:
+                block_skips = [first_views(skip, num_views, keep) for skip in block_skips]
+                x = self._run(block, x, block_skips, temb_kept, keep)
         return self.conv_out(self.norm_out(x))
 
 
@@ -304,6 +339,9 @@ class GaussianDiffusionModel(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # run the U-Net's layers after its last attention on the V target views only (the context view's output is
+    # dropped anyway; same result, 6% fewer FLOPs at full size); False computes it, as the authors' code does
+    trim_context_view: bool = True
 
     @register_to_config
     def __init__(
@@ -396,9 +434,10 @@ class GaussianDiffusionModel(ModelMixin, ConfigMixin):
         """The 14 raw (pre-activation) channels of the target views' Gaussians, [B, V*S*S, 14] in float32."""
         b, v = x_t.shape[:2]
         x, timesteps = self.build_input(x0_hat, x_t, rays, t, context)
-        out = self.conv(self.unet(x.to(self.dtype), timesteps, num_views=v + 1))  # [B*(V+1), 14, S, S]
+        keep = v if self.trim_context_view else v + 1
+        out = self.conv(self.unet(x.to(self.dtype), timesteps, num_views=v + 1, keep_views=keep))  # [B*K, 14, S, S]
         s = out.shape[-1]
-        out = out.view(b, v + 1, out.shape[1], s, s)[:, :v]  # drop the context view: [B, V, 14, S, S]
+        out = out.view(b, keep, out.shape[1], s, s)[:, :v]  # without the context view: [B, V, 14, S, S]
         return out.permute(0, 1, 3, 4, 2).reshape(b, v * s * s, out.shape[2]).float()  # [B, V*S*S, 14]
 
     def forward(self, x0_hat: Tensor | None,  # [B, V, 3, H, W] clean estimate in [0, 1] (None without prior)
