@@ -47,6 +47,10 @@ class RenderConfig:
     alpha_max: float = 0.999
     # fragments with alpha below this are skipped
     alpha_min: float = 1.0 / 255.0
+    # gsplat: side of its square pixel tiles. The image does not depend on it: a splat's bounding box already holds
+    # every pixel where its alpha reaches alpha_min. Larger tiles mean fewer tile intersections to sort, more splats
+    # per tile; 16 is gsplat's default
+    tile_size: int = 16
     # torch backend: Gaussians composited per tile in one vectorised step (larger = fewer steps, more wasted work)
     torch_gaussians_per_step: int = 64
     # torch backend: bound on tiles x Gaussians x 256 pixels evaluated at once (~100 bytes each in float32 with

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -125,3 +126,17 @@ def test_gsplat_colour_only_render_equals_the_full_one():
     assert rgb_only.depth is None
     torch.testing.assert_close(rgb_only.rgb, full.rgb, atol=1e-5, rtol=0)
     torch.testing.assert_close(rgb_only.alpha, full.alpha, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [0.02, 0.08])  # trained-size splats, and the random 3D model's large ones
+def test_gsplat_tile_size_does_not_change_the_image(scale):
+    """Opacity-aware bounding boxes hold every pixel a splat reaches, so tiles of 32 give the image of tiles of 16."""
+    g = _scene(65536, seed=4)
+    g = Gaussians(means=g.means, scales=g.scales.detach() * (scale / 0.0175), rotations=g.rotations,
+                  opacities=g.opacities, colors=g.colors)
+    cams = _cameras(512)
+    with torch.no_grad():
+        tiles16 = rasterize(g, cams, backend="gsplat", cfg=CFG, depth=False)
+        tiles32 = rasterize(g, cams, backend="gsplat", cfg=dataclasses.replace(CFG, tile_size=32), depth=False)
+    torch.testing.assert_close(tiles32.rgb, tiles16.rgb, atol=1e-6, rtol=0)
+    torch.testing.assert_close(tiles32.alpha, tiles16.alpha, atol=1e-6, rtol=0)

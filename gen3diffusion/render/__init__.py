@@ -85,7 +85,8 @@ def rasterize(
     if backend == "gsplat":
         from gen3diffusion.render import _gsplat
 
-        sums, alpha = _gsplat.render_features(means, quats, scales, opacities, feats, viewmats, Ks, W, H, **common)
+        sums, alpha = _gsplat.render_features(means, quats, scales, opacities, feats, viewmats, Ks, W, H, **common,
+                                              tile_size=cfg.tile_size)
     else:
         from gen3diffusion.render import _torch
 
