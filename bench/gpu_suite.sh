@@ -12,6 +12,10 @@ python bench/bench_render.py --device cuda > "$out/bench_render.log" 2>&1
 python bench/bench_sample.py --modes reference fast --batch-sizes 1 8 --profile "$out/profile.txt" \
     --json "$out/bench_sample.json" > "$out/bench_sample.log" 2>&1
 python bench/bench_group_norm.py > "$out/bench_group_norm.log" 2>&1
+# the gsplat tile size (the image does not depend on it) and trained-size splats, against the same card's default
+for args in "--tile-size 32" "--gaussian-size trained" "--gaussian-size trained --tile-size 32"; do
+    python bench/bench_sample.py --modes fast --batch-sizes 1 --analyse none --iters 3 $args
+done > "$out/bench_render_options.log" 2>&1
 python bench/bench_sample.py --modes reference fast-nchw compile --batch-sizes 1 --analyse none \
     --json "$out/bench_compile.json" > "$out/bench_compile.log" 2>&1
 tail -3 "$out"/*.log
