@@ -3,10 +3,12 @@
     python bench/bench_render.py --device cuda            # gsplat, 512x512, forward and forward+backward
     python bench/bench_render.py --device cpu             # torch backend, 256x256
     python bench/bench_render.py --device cuda --backend torch
+    python bench/bench_render.py --device cuda --scales 0.054 0.099 --tile-size 32   # the random 3D model's splats
 
 Prints one Markdown table row per run (median over ``--repeats`` timed runs after ``--warmup`` untimed ones) for
-docs/benchmarks.md. The scene: means uniform in [-0.5, 0.5]^3, scales 0.005-0.03, random rotations, opacities and
-colours, cameras at radius 1.5, fovy 49.1, white background.
+docs/benchmarks.md. The scene: means uniform in [-0.5, 0.5]^3, scales uniform in ``--scales`` (default 0.005-0.03,
+the size of trained splats), random rotations, opacities and colours, cameras at radius 1.5, fovy 49.1, white
+background. ``--tile-size`` sets gsplat's tile side (``RenderConfig.tile_size``; the torch backend always uses 16).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from gen3diffusion.gaussians import Gaussians
 from gen3diffusion.render import rasterize
 
 
-def random_scene(n: int, device: torch.device, seed: int = 0) -> Gaussians:
+def random_scene(n: int, device: torch.device, scales: tuple[float, float] = (0.005, 0.03), seed: int = 0) -> Gaussians:
     gen = torch.Generator().manual_seed(seed)
+    lo, hi = scales
     g = Gaussians(
         means=torch.rand(1, n, 3, generator=gen) - 0.5,
-        scales=0.005 + 0.025 * torch.rand(1, n, 3, generator=gen),
+        scales=lo + (hi - lo) * torch.rand(1, n, 3, generator=gen),
         rotations=torch.nn.functional.normalize(torch.randn(1, n, 4, generator=gen), dim=-1),
         opacities=torch.rand(1, n, generator=gen),
         colors=torch.rand(1, n, 3, generator=gen),
@@ -61,6 +64,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="image side; default 512 on cuda, 256 on cpu")
     parser.add_argument("--warmup", type=int, default=None, help="default 3 on cuda, 1 on cpu")
     parser.add_argument("--repeats", type=int, default=None, help="default 20 on cuda, 3 on cpu")
+    parser.add_argument("--scales", type=float, nargs=2, default=[0.005, 0.03], metavar=("LO", "HI"),
+                        help="splat scales are uniform in [LO, HI] (the random full-size 3D model's: 0.054 0.099)")
+    parser.add_argument("--tile-size", type=int, default=RenderConfig.tile_size, help="gsplat's tile side")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
 
@@ -73,11 +79,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     backend = args.backend if args.backend != "auto" else ("gsplat" if cuda else "torch")
 
-    g = random_scene(args.num_gaussians, device)
+    if not 0 < args.scales[0] <= args.scales[1]:
+        parser.error(f"--scales needs 0 < LO <= HI, got {args.scales}")
+    g = random_scene(args.num_gaussians, device, tuple(args.scales))
     params = [g.means, g.scales, g.rotations, g.opacities, g.colors]
     azimuths = torch.arange(args.views, dtype=torch.float32) * (360.0 / args.views)
     cams = Cameras.from_fovy(orbit_camera(torch.zeros(args.views), azimuths, 1.5), 49.1, size).to(device)
-    cfg = RenderConfig(backend=backend)
+    cfg = RenderConfig(backend=backend, tile_size=args.tile_size)
 
     def forward() -> None:
         with torch.no_grad():
@@ -100,12 +108,13 @@ def main() -> None:
     else:
         memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS peak"
         name = f"CPU, {torch.get_num_threads()} threads"
-    print("| device | backend | Gaussians | views | size | forward (ms) | forward+backward (ms) | memory |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(
-        f"| {name} | {backend} | {args.num_gaussians:,} | {args.views} | {size}x{size} | {fwd:.1f} | {fwd_bwd:.1f} "
-        f"| {memory} |"
-    )
+    tiles = args.tile_size if backend == "gsplat" else 16
+    print("| device | backend | tile | Gaussians | scales | views | size | forward (ms) | forward+backward (ms) "
+          "| memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    scales = f"{args.scales[0]:g}-{args.scales[1]:g}"
+    print(f"| {name} | {backend} | {tiles} | {args.num_gaussians:,} | {scales} | {args.views} | {size}x{size} "
+          f"| {fwd:.1f} | {fwd_bwd:.1f} | {memory} |")
 
 
 if __name__ == "__main__":
