@@ -171,6 +171,17 @@ class MidBlock(nn.Module):
         return self.nets[1](x, temb)
 
 
+def first_views(x: Tensor, num_views: int, keep: int) -> Tensor:
+    """The first ``keep`` of the ``num_views`` consecutive views of each sample: [B*F, ...] -> [B*keep, ...].
+
+    Keeps the memory format (a reshape of the strided slice would return NCHW)."""
+    if keep == num_views:
+        return x
+    if x.shape[0] == num_views:  # one sample: a view, no copy
+        return x[:keep]
+    return torch.cat([x[i:i + keep] for i in range(0, x.shape[0], num_views)])
+
+
 class UpBlock(nn.Module):
     """Per layer: concat a skip (last in, first out) -> ResnetBlock -> (attention); then optional nearest x2 + conv."""
 
@@ -198,17 +209,6 @@ class UpBlock(nn.Module):
 
 
 ### the U-Net
-
-
-def first_views(x: Tensor, num_views: int, keep: int) -> Tensor:
-    """The first ``keep`` of the ``num_views`` consecutive views of each sample: [B*F, ...] -> [B*keep, ...].
-
-    Keeps the memory format (a reshape of the strided slice would return NCHW)."""
-    if keep == num_views:
-        return x
-    if x.shape[0] == num_views:  # one sample: a view, no copy
-        return x[:keep]
-    return torch.cat([x[i:i + keep] for i in range(0, x.shape[0], num_views)])
 
 
 def _checkpoint(module: nn.Module, *args):

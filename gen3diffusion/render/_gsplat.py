@@ -36,7 +36,7 @@ def render_features(
     sigma_cutoff: float,
     alpha_max: float,
     alpha_min: float,
-    tile_size: int = 16,
+    tile_size: int,
 ) -> tuple[Tensor, Tensor]:
     """Composite per-camera features with gsplat; returns (sum_i w_i f_i [B, V, H, W, D], alpha [B, V, H, W, 1])."""
     if not means.is_cuda:
