@@ -278,7 +278,7 @@ def setup(mode: str, device: torch.device, scale_logit_shift: float = 0.0,
     pipe = build_pipeline(dtype, device, scale_logit_shift)
     pipe.sampler_cls = ReferenceSampler if authors else JointSampler
     pipe.model_3d.trim_context_view = not authors
-    pipe.cfg.render = replace(pipe.cfg.render, tile_size=16 if authors else tile_size)
+    pipe.cfg.render.tile_size = 16 if authors else tile_size
     if channels_last:
         pipe.use_channels_last()
     if compiled:
