@@ -3,7 +3,7 @@
     python bench/bench_render.py --device cuda            # gsplat, 512x512, forward and forward+backward
     python bench/bench_render.py --device cpu             # torch backend, 256x256
     python bench/bench_render.py --device cuda --backend torch
-    python bench/bench_render.py --device cuda --scales 0.054 0.099 --tile-size 32   # the random 3D model's splats
+    python bench/bench_render.py --device cuda --scales 0.054 0.099 --tile-size 16   # the random 3D model's splats
 
 Prints one Markdown table row per run (median over ``--repeats`` timed runs after ``--warmup`` untimed ones) for
 docs/benchmarks.md. The scene: means uniform in [-0.5, 0.5]^3, scales uniform in ``--scales`` (default 0.005-0.03,

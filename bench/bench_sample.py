@@ -5,11 +5,12 @@ vision tower, 3D-GS model 0.42 B; no text encoder: random prompt embeddings stan
 ``--steps`` DDIM steps with CFG 5 and refinement, in two modes:
 
 - ``reference``: the authors' structure: float32, eager, one VAE decode call per tensor (x0~, then x_t), and the
-  3D U-Net's last layers run for the context view too (``trim_context_view=False``);
+  3D U-Net's last layers run for the context view too (``trim_context_view=False``), gsplat tiles of 16;
 - ``fast``: the default of ``Gen3DiffusionPipeline.from_pretrained`` on CUDA: bfloat16 weights in channels_last
   with the fused NHWC kernels and sub-pixel upsampling convolutions (``models/kernels.py``), one batched decode of
-  x0~ and x_t, the 3D U-Net's layers after its last attention on the target views only, colour-only renders, and
-  CUDA graphs for the fixed-shape parts of each step (``SamplerConfig.cuda_graphs``).
+  x0~ and x_t, the 3D U-Net's layers after its last attention on the target views only, colour-only renders with
+  gsplat tiles of 32 (``RenderConfig.tile_size``), and CUDA graphs for the fixed-shape parts of each step
+  (``SamplerConfig.cuda_graphs``).
 
 Optional extra modes: ``fast-fp32`` (fast in float32), ``bf16-eager`` (fast without CUDA graphs), ``fast-nchw``
 (fast in NCHW, where the kernels do not apply) and ``compile`` (fast plus ``Gen3DiffusionPipeline.compile``). For
