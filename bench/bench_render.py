@@ -8,7 +8,7 @@
 Prints one Markdown table row per run (median over ``--repeats`` timed runs after ``--warmup`` untimed ones) for
 docs/benchmarks.md. The scene: means uniform in [-0.5, 0.5]^3, scales uniform in ``--scales`` (default 0.005-0.03,
 the size of trained splats), random rotations, opacities and colours, cameras at radius 1.5, fovy 49.1, white
-background. ``--tile-size`` sets gsplat's tile side (``RenderConfig.tile_size``; the torch backend always uses 16).
+background. ``--tile-size`` sets gsplat's tile side (``RenderConfig.tile_size``; the torch backend's tiles are fixed at 16).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from gen3diffusion.cameras import Cameras, orbit_camera
 from gen3diffusion.config import RenderConfig
 from gen3diffusion.gaussians import Gaussians
 from gen3diffusion.render import rasterize
+from gen3diffusion.render._torch import TILE as TORCH_TILE
 
 
 def random_scene(n: int, device: torch.device, scales: tuple[float, float] = (0.005, 0.03), seed: int = 0) -> Gaussians:
@@ -108,7 +109,7 @@ def main() -> None:
     else:
         memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS peak"
         name = f"CPU, {torch.get_num_threads()} threads"
-    tiles = args.tile_size if backend == "gsplat" else 16
+    tiles = args.tile_size if backend == "gsplat" else TORCH_TILE
     print("| device | backend | tile | Gaussians | scales | views | size | forward (ms) | forward+backward (ms) "
           "| memory |")
     print("|---|---|---|---|---|---|---|---|---|---|")
