@@ -77,7 +77,8 @@ KERNEL_KINDS = {
     "nearest upsampling": ("upsample",),
     "GroupNorm (PyTorch)": ("group_norm", "GroupNorm"),
     "layer norm": ("layer_norm",),
-    "elementwise (conv biases outside blocks, adds, activations, copies)": ("elementwise", "Cat", "copy"),
+    "elementwise (GEGLU, sub-pixel interleave, conv biases outside blocks, adds, copies)": (
+        "elementwise", "Cat", "copy", "_geglu_kernel", "_interleave_kernel"),
 }
 
 

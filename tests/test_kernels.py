@@ -1,5 +1,5 @@
-"""The fused channels_last kernels (GroupNorm + SiLU + shift, the residual epilogue, the sub-pixel upsampling conv)
-against PyTorch's ops, and the switch of diffusers' VAE blocks to them.
+"""The fused channels_last kernels (GroupNorm + SiLU + shift, the residual epilogue, the sub-pixel upsampling conv and
+its interleaving pass, GEGLU) against PyTorch's ops, and the switch of diffusers' VAE blocks to them.
 
 CPU: the module and the VAE swap leave every output and state-dict key as before; the kernels themselves run in
 Triton's interpreter (a subprocess with ``TRITON_INTERPRET=1``, float32 on the CPU), including group widths that are
@@ -24,12 +24,12 @@ from gen3diffusion.models.kernels import (
     GroupNorm,
     _cached_subpixel_weight,
     fuse_vae_blocks,
+    geglu,
     group_norm,
     residual_add,
     subpixel_upsample_conv,
     subpixel_weight,
     triton_group_norm,
-    triton_residual_add,
     upsample_conv,
 )
 
@@ -109,7 +109,8 @@ def test_kernels_in_triton_interpreter():
     pytest.importorskip("triton")
     script = textwrap.dedent(f"""
         import torch, torch.nn.functional as F
-        from gen3diffusion.models.kernels import triton_group_norm, triton_residual_add
+        from gen3diffusion.models.kernels import (triton_geglu, triton_group_norm, triton_residual_add,
+                                                  triton_subpixel_interleave)
         torch.manual_seed(0)
         for N, C, H, W, G, offset in {SHAPES!r}:
             x = (torch.randn(N, C, H, W) * 2 + offset).to(memory_format=torch.channels_last)
@@ -137,6 +138,21 @@ def test_kernels_in_triton_interpreter():
         y = triton_group_norm(x, 8, torch.ones(64), torch.zeros(64), 1e-6)
         assert y.stride() == x.stride()
         assert (y - F.group_norm(x, 8, eps=1e-6)).abs().max().item() < 1e-5
+        h = torch.randn(3, 7, 2 * 200) * 3  # 21 rows, 200 channels: partial tiles both ways
+        ref = h[..., :200].double() * F.gelu(h[..., 200:].double())
+        assert (triton_geglu(h).double() - ref).abs().max().item() < 1e-5
+        for n, co, hh, ww, with_bias in ((2, 8, 3, 5, True), (1, 130, 2, 9, True), (1, 16, 1, 1, False)):
+            y = torch.randn(n, 4 * co, hh + 1, ww + 1).to(memory_format=torch.channels_last)
+            bias = torch.randn(co) if with_bias else None
+            out = triton_subpixel_interleave(y, bias)
+            assert out.shape == (n, co, 2 * hh, 2 * ww) and out.is_contiguous(memory_format=torch.channels_last)
+            ref = torch.empty(n, co, 2 * hh, 2 * ww)
+            for a in (0, 1):
+                for b in (0, 1):  # phase (a, b) of output pixel (i, j) is the window at (i + a, j + b)
+                    k = 2 * a + b
+                    ref[:, :, a::2, b::2] = y[:, k * co:(k + 1) * co, a:a + hh, b:b + ww]
+            ref = ref + (bias[:, None, None] if with_bias else 0)
+            assert (out - ref).abs().max().item() < 1e-6, (n, co, hh, ww)
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -194,6 +210,22 @@ def test_upsample_conv_bf16_on_gpu(shape):
     assert getattr(conv, "_subpixel_cache", None) is not None  # the sub-pixel path ran
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
     assert (out.double() - ref).norm() / ref.norm() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 5120, 2560), (2, 320, 5120), (7, 3, 640)])
+def test_geglu_bf16_on_gpu(shape):
+    """The GEGLU kernel (bf16, CUDA) against float64 value * GELU(gate): one bf16 rounding of the output."""
+    torch.manual_seed(0)
+    h = (torch.randn(*shape, device="cuda") * 3).to(torch.bfloat16)
+    out = geglu(h)
+    value, gate = h.double().chunk(2, dim=-1)
+    ref = value * F.gelu(gate)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert ((out.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-6).all()
+    with torch.enable_grad():  # with autograd to record, the PyTorch ops run (and give the same values)
+        h_grad = h.float().requires_grad_()
+        torch.testing.assert_close(geglu(h_grad), ref.float(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu

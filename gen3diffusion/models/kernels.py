@@ -1,4 +1,5 @@
-"""Fused inference kernels for channels_last CUDA activations: GroupNorm (+ SiLU) and the residual epilogue.
+"""Fused inference kernels for channels_last CUDA activations: GroupNorm (+ SiLU), the residual epilogue, the
+sub-pixel upsampler's interleave, and GEGLU's activation.
 
 Every convolutional block of the three networks (MV UNet, VAE, 3D U-Net) runs GroupNorm -> SiLU -> conv, twice,
 then adds its input. cuDNN's fast convolutions work in NHWC (``torch.channels_last``), but in eager PyTorch
@@ -10,7 +11,9 @@ then adds its input. cuDNN's fast convolutions work in NHWC (``torch.channels_la
 Here a block is written as ``conv_without_bias`` -> :func:`group_norm` with ``shift`` = that conv's bias (plus the
 time embedding) -> ``conv_without_bias`` -> :func:`residual_add` with the second bias, so the biases ride along in
 passes that happen anyway. The GroupNorm kernels read and write NHWC and apply the SiLU on the way out: three passes
-over the activation (per-chunk statistics, a tiny merge per group, normalise) instead of about seven.
+over the activation (per-chunk statistics, a tiny merge per group, normalise) instead of about seven. Two more
+passes that PyTorch runs unvectorised over strided views get one vectorised Triton pass each: the interleave of the
+sub-pixel upsampling conv's four phases (plus its bias), and the MV UNet's GEGLU ``value * GELU(gate)``.
 
 Statistics are accumulated in float32 with Chan et al.'s pairwise merge of (count, mean, M2), so a large mean does
 not cancel the variance (as a sum / sum-of-squares formula would); results match the reference ops to float32
@@ -36,14 +39,15 @@ try:
 except ImportError:  # CPU-only installs: the reference path is used
     triton = None
 
-__all__ = ["GroupNorm", "conv_without_bias", "fuse_vae_blocks", "group_norm", "residual_add",
-           "shortcut_without_bias", "subpixel_upsample_conv", "subpixel_weight", "triton_group_norm",
-           "triton_residual_add", "upsample_conv"]
+__all__ = ["GroupNorm", "conv_without_bias", "fuse_vae_blocks", "geglu", "group_norm", "residual_add",
+           "shortcut_without_bias", "subpixel_upsample_conv", "subpixel_weight", "triton_geglu", "triton_group_norm",
+           "triton_residual_add", "triton_subpixel_interleave", "upsample_conv"]
 
 _STATS_BLOCK_R, _STATS_WARPS = 128, 4  # statistics: pixels per loop step of a program, warps per program
 _TARGET_PROGRAMS = 1024  # statistics programs per call: enough to fill the GPU, few partials to merge
 _NORM_BLOCK_R, _NORM_WARPS = 64, 4  # normalisation: pixels per program, warps per program
 _BLOCK_FLAT = 2048  # elements per program of the residual kernel
+_BLOCK_ROWS, _BLOCK_COLS = 16, 128  # rows x channels per program of the GEGLU and interleave kernels
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
@@ -66,6 +70,16 @@ def residual_add(h: Tensor, bias: Tensor | None, skip: Tensor, scale: float = 1.
         return triton_residual_add(h, bias, skip, scale)
     out = h + skip if bias is None else h + bias.reshape(-1, *([1] * (h.dim() - 2))) + skip
     return out if scale == 1.0 else out * scale
+
+
+def geglu(h: Tensor) -> Tensor:
+    """GEGLU's activation ``value * F.gelu(gate)`` of ``h`` [..., 2D] = [value | gate] -> [..., D]. At inference on a
+    contiguous CUDA tensor one Triton pass; in PyTorch ops the GELU and the product each make an unvectorised pass
+    over the strided halves."""
+    if h.is_contiguous() and _inference_on_cuda(h):
+        return triton_geglu(h)
+    value, gate = h.chunk(2, dim=-1)
+    return value * F.gelu(gate)
 
 
 def conv_without_bias(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -113,13 +127,15 @@ def subpixel_weight(weight: Tensor) -> Tensor:
 def subpixel_upsample_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """Nearest 2x upsampling then a 3x3 conv (padding 1), computed from ``x`` [N, Ci, H, W] by one 2x2 conv with the
     four phases' kernels (``weight`` [4 Co, Ci, 2, 2] from :func:`subpixel_weight`) and one interleaving pass that adds
-    ``bias`` [Co]. Returns [N, Co, 2H, 2W] in channels_last memory.
+    ``bias`` [Co] (a Triton kernel on CUDA without autograd). Returns [N, Co, 2H, 2W] in channels_last memory.
 
     With padding 1 the 2x2 conv has (H + 1) x (W + 1) positions; position (p, q) reads input rows p - 1, p and columns
     q - 1, q. Phase (a, b) of output pixel (i, j) is the window at (i + a, j + b)."""
     n, _, h, w = x.shape
     co = weight.shape[0] // 4
     y = F.conv2d(x, weight, None, padding=1).contiguous(memory_format=torch.channels_last)  # [N, 4Co, H+1, W+1]
+    if triton is not None and y.is_cuda and not y.requires_grad:
+        return triton_subpixel_interleave(y, bias)
     s_n, s_h, s_w = y.stride(0), y.stride(2), y.stride(3)  # channels_last: s_w = 4 Co, s_h = (W + 1) * 4 Co
     # [N, H, 2 (a), W, 2 (b), Co] view of y: element (n, i, a, j, b, c) is y[n, (2a + b) Co + c, i + a, j + b]
     phases = y.as_strided((n, h, 2, w, 2, co), (s_n, s_h, s_h + 2 * co, s_w, s_w + co, 1))
@@ -157,13 +173,17 @@ def _channels_last(x: Tensor) -> bool:
 
 
 def _use_kernel(x: Tensor, *others: Tensor | None) -> bool:
-    """Whether the Triton path applies to ``x`` and the other inputs (None ones ignored): CUDA, ``x`` channels_last,
-    nothing for autograd to record, not inside ``torch.compile``."""
+    """Whether the NHWC Triton path applies to ``x`` and the other inputs (None ones ignored): ``x`` channels_last,
+    and :func:`_inference_on_cuda`."""
+    return _channels_last(x) and _inference_on_cuda(x, *others)
+
+
+def _inference_on_cuda(x: Tensor, *others: Tensor | None) -> bool:
+    """Triton installed, ``x`` on CUDA, nothing for autograd to record, not inside ``torch.compile``."""
     tensors = [x, *(t for t in others if t is not None)]
     return (
         triton is not None
         and x.is_cuda
-        and _channels_last(x)
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         and not torch.compiler.is_compiling()
     )
@@ -298,6 +318,40 @@ def triton_residual_add(h: Tensor, bias: Tensor, skip: Tensor, scale: float = 1.
     return out
 
 
+def triton_geglu(h: Tensor) -> Tensor:
+    """:func:`geglu` by the Triton kernel, for a contiguous ``h`` [..., 2D]."""
+    if triton is None:
+        raise RuntimeError("triton_geglu needs the triton package")
+    if not h.is_contiguous() or h.shape[-1] % 2:
+        raise ValueError(f"h must be contiguous with an even last dimension, got {tuple(h.shape)} {h.stride()}")
+    d = h.shape[-1] // 2
+    out = torch.empty((*h.shape[:-1], d), dtype=h.dtype, device=h.device)
+    if out.numel() == 0:
+        return out
+    rows = out.numel() // d
+    _geglu_kernel[(triton.cdiv(rows, _BLOCK_ROWS), triton.cdiv(d, _BLOCK_COLS))](
+        h, out, rows, d, BLOCK_R=_BLOCK_ROWS, BLOCK_C=_BLOCK_COLS)
+    return out
+
+
+def triton_subpixel_interleave(y: Tensor, bias: Tensor | None) -> Tensor:
+    """The interleaving pass of :func:`subpixel_upsample_conv` by the Triton kernel: the phases' 2x2 conv output
+    ``y`` [N, 4 Co, H + 1, W + 1] (channels_last) -> [N, Co, 2H, 2W] (channels_last), plus ``bias`` [Co]."""
+    if triton is None:
+        raise RuntimeError("triton_subpixel_interleave needs the triton package")
+    if not _channels_last(y) or y.shape[1] % 4:
+        raise ValueError(f"y must be channels_last with 4 Co channels, got {tuple(y.shape)} {y.stride()}")
+    n, co, h, w = y.shape[0], y.shape[1] // 4, y.shape[2] - 1, y.shape[3] - 1
+    if bias is not None and tuple(bias.shape) != (co,):
+        raise ValueError(f"bias: expected [{co}], got {tuple(bias.shape)}")
+    out = torch.empty((n, co, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
+    # one program per output row (sample, 2i + a), block of its 2W pixels and block of channels
+    grid = (n * 2 * h, triton.cdiv(2 * w, _BLOCK_ROWS), triton.cdiv(co, _BLOCK_COLS))
+    _interleave_kernel[grid](y, y if bias is None else bias, out, h, w, co, BLOCK_P=_BLOCK_ROWS,
+                             BLOCK_C=_BLOCK_COLS, BIAS=bias is not None)
+    return out
+
+
 if triton is not None:
 
     @triton.jit
@@ -397,3 +451,34 @@ if triton is not None:
         skip = tl.load(skip_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + offsets % C, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + offsets, ((h + bias + skip) * scale).to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _geglu_kernel(h_ptr, out_ptr, rows, D, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """out[r, c] = h[r, c] * GELU(h[r, D + c]) (exact, erf form), for a tile of rows x channels."""
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = (r < rows)[:, None] & (c < D)[None, :]
+        src = r.to(tl.int64)[:, None] * (2 * D) + c[None, :]
+        value = tl.load(h_ptr + src, mask=ok, other=0.0).to(tl.float32)
+        gate = tl.load(h_ptr + src + D, mask=ok, other=0.0).to(tl.float32)
+        y = value * gate * 0.5 * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+        tl.store(out_ptr + r.to(tl.int64)[:, None] * D + c[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _interleave_kernel(y_ptr, bias_ptr, out_ptr, H, W, Co, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                           BIAS: tl.constexpr):
+        """Output row 2i + a of sample n, pixels 2j + b: y[n, i + a, j + b, (2a + b) Co + c] (+ bias[c])."""
+        row, pb, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n, r = row // (2 * H), row % (2 * H)
+        i, a = r // 2, r % 2
+        p = pb * BLOCK_P + tl.arange(0, BLOCK_P)  # output pixel 2j + b of the row
+        j, b = p // 2, p % 2
+        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = (p < 2 * W)[:, None] & (c < Co)[None, :]
+        in_row = (n.to(tl.int64) * (H + 1) + i + a) * (W + 1)  # pixel index of (n, i + a, 0) in y
+        src = (in_row + j + b).to(tl.int64)[:, None] * (4 * Co) + ((2 * a + b) * Co)[:, None] + c[None, :]
+        x = tl.load(y_ptr + src, mask=ok, other=0.0)
+        if BIAS:
+            x = x.to(tl.float32) + tl.load(bias_ptr + c, mask=c < Co, other=0.0).to(tl.float32)[None, :]
+        dst = (row.to(tl.int64) * (2 * W) + p)[:, None] * Co + c[None, :]
+        tl.store(out_ptr + dst, x.to(out_ptr.dtype.element_ty), mask=ok)

@@ -24,7 +24,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
-from .kernels import GroupNorm, conv_without_bias, residual_add, shortcut_without_bias, upsample_conv
+from .kernels import GroupNorm, conv_without_bias, geglu, residual_add, shortcut_without_bias, upsample_conv
 from .loading import find_weights_file, load_state_dict_strict, read_state_dict, resolve_file, resolve_source
 
 __all__ = ["MultiViewUNet", "load_mv_unet", "timestep_embedding"]
@@ -93,7 +93,8 @@ class CrossAttention(nn.Module):
         out = _attention(q, self.to_k(text), self.to_v(text), self.heads)
         if self.ip_dim:
             ip = context[:, -self.ip_dim :]  # [B, ip_dim, Cc]
-            out = out + self.ip_weight * _attention(q, self.to_k_ip(ip), self.to_v_ip(ip), self.heads)
+            ip_out = _attention(q, self.to_k_ip(ip), self.to_v_ip(ip), self.heads)
+            out = torch.add(out, ip_out, alpha=self.ip_weight)  # out + ip_weight * ip_out in one pass
         return self.to_out(out)
 
 
@@ -105,8 +106,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        return geglu(self.proj(x))  # value * GELU(gate) of the two halves
 
 
 class FeedForward(nn.Module):
