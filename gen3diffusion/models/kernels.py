@@ -134,7 +134,7 @@ def subpixel_upsample_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Te
     n, _, h, w = x.shape
     co = weight.shape[0] // 4
     y = F.conv2d(x, weight, None, padding=1).contiguous(memory_format=torch.channels_last)  # [N, 4Co, H+1, W+1]
-    if triton is not None and y.is_cuda and not y.requires_grad:
+    if _use_kernel(y, bias):
         return triton_subpixel_interleave(y, bias)
     s_n, s_h, s_w = y.stride(0), y.stride(2), y.stride(3)  # channels_last: s_w = 4 Co, s_h = (W + 1) * 4 Co
     # [N, H, 2 (a), W, 2 (b), Co] view of y: element (n, i, a, j, b, c) is y[n, (2a + b) Co + c, i + a, j + b]
