@@ -8,7 +8,8 @@
 Prints one Markdown table row per run (median over ``--repeats`` timed runs after ``--warmup`` untimed ones) for
 docs/benchmarks.md. The scene: means uniform in [-0.5, 0.5]^3, scales uniform in ``--scales`` (default 0.005-0.03,
 the size of trained splats), random rotations, opacities and colours, cameras at radius 1.5, fovy 49.1, white
-background. ``--tile-size`` sets gsplat's tile side (``RenderConfig.tile_size``; the torch backend's tiles are fixed at 16).
+background. ``--tile-size`` sets gsplat's tile side (``RenderConfig.tile_size``; the torch backend's tiles are fixed
+at 16).
 """
 
 from __future__ import annotations
