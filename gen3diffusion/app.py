@@ -354,11 +354,12 @@ def main(argv: list[str] | None = None) -> None:
         return Gen3DiffusionPipeline.from_pretrained(source, base=args.base, device=args.device, dtype=dtype,
                                                      model_3d_config=args.model_3d_config)
 
-    root = Path(tempfile.mkdtemp(prefix="gen3diffusion-app-", dir=args.workdir))
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(root / "gradio"))  # read when the components are built
     # SIGTERM stops the server as Ctrl-C does, so the working folder is deleted either way
     signal.signal(signal.SIGTERM, _interrupt)
+    root = Path(tempfile.mkdtemp(prefix="gen3diffusion-app-", dir=args.workdir))
+    demo = None
     try:
+        os.environ.setdefault("GRADIO_TEMP_DIR", str(root / "gradio"))  # read when the components are built
         pipelines = PipelineCache(load, args.max_loaded)
         if not args.no_preload:
             try:
@@ -372,7 +373,12 @@ def main(argv: list[str] | None = None) -> None:
         demo.queue(default_concurrency_limit=1)
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                     allowed_paths=[str(root)], max_file_size=args.max_file_size)
+    except KeyboardInterrupt:
+        # a stop while loading or launching (after launch, Gradio's own wait loop takes it) is a clean exit too
+        logger.info("interrupted; shutting down")
     finally:
+        if demo is not None:
+            demo.close()
         shutil.rmtree(root, ignore_errors=True)
 
 

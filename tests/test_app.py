@@ -172,15 +172,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    """``python -m gen3diffusion.app ARGS`` on a free localhost port; returns once the page answers."""
+def spawn_app(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    """``python -m gen3diffusion.app ARGS`` on a free localhost port, output to ``log``; returns at once."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     env.pop("GRADIO_TEMP_DIR", None)  # the app keeps Gradio's cache in its own working folder
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "gen3diffusion.app", "--port", str(port), *args],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
+    return proc, f"http://127.0.0.1:{port}/"
+
+
+def start_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    """``spawn_app``, returning once the page answers."""
+    proc, url = spawn_app(args, log)
     deadline = time.monotonic() + STARTUP_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -334,3 +339,25 @@ def test_stopping_the_server_deletes_its_working_folder(weights, tmp_path):
         code = stop_server(proc)
     assert code == 0, (tmp_path / "server.log").read_text()[-3000:]
     assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.slow
+@needs_gradio
+def test_stopping_the_server_while_it_starts_exits_cleanly(weights, tmp_path):
+    """SIGTERM as soon as the working folder exists lands while the weights load or Gradio launches, before Gradio's
+    own wait loop can take it: the app must still exit with 0 and delete the folder."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    proc, _ = spawn_app(["--weights", str(weights), "--model-3d-config", tiny_3d_config_json(),
+                         "--workdir", str(workdir)], tmp_path / "server.log")
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while not any(workdir.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert any(workdir.iterdir()), "the app made no working folder"
+    finally:
+        code = stop_server(proc)
+    log = (tmp_path / "server.log").read_text()
+    assert code == 0, log[-3000:]
+    assert list(workdir.iterdir()) == []
+    assert "Running on" not in log  # the stop did land before the server was up
