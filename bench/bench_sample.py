@@ -4,11 +4,13 @@ Builds the official-size models with random weights directly on the GPU (MV UNet
 vision tower, 3D-GS model 0.42 B; no text encoder: random prompt embeddings stand in for the cached ones) and samples
 ``--steps`` DDIM steps with CFG 5 and refinement, in two modes:
 
-- ``reference``: the authors' structure: float32, eager, one VAE decode call per tensor (x0~, then x_t), and the
-  3D U-Net's last layers run for the context view too (``trim_context_view=False``), gsplat tiles of 16;
+- ``reference``: the authors' structure: float32, eager, one VAE decode call per tensor (x0~, then x_t), the MV
+  UNet's cross-attention keys and values of the prompt tokens projected at every step, and the 3D U-Net's last
+  layers run for the context view too (``trim_context_view=False``), gsplat tiles of 16;
 - ``fast``: the default of ``Gen3DiffusionPipeline.from_pretrained`` on CUDA: bfloat16 weights in channels_last
   with the fused NHWC kernels and sub-pixel upsampling convolutions (``models/kernels.py``), one batched decode of
-  x0~ and x_t, the 3D U-Net's layers after its last attention on the target views only, colour-only renders with
+  x0~ and x_t, those keys and values projected once per call (``MultiViewUNet.project_context``), the 3D U-Net's
+  layers after its last attention on the target views only, colour-only renders with
   gsplat tiles of 32 (``RenderConfig.tile_size``), and CUDA graphs for the fixed-shape parts of each step
   (``SamplerConfig.cuda_graphs``).
 
@@ -83,7 +85,10 @@ KERNEL_KINDS = {
 
 
 class ReferenceSampler(JointSampler):
-    """The authors' structure: x0~ and x_t decoded by two separate VAE calls."""
+    """The authors' structure: x0~ and x_t decoded by two separate VAE calls, the prompt's keys and values of every
+    cross-attention projected at every step."""
+
+    project_context = False
 
     def decode_views(self, x0_2d: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
         return self.decode(x0_2d), self.decode(x_t)

@@ -194,6 +194,40 @@ def test_bad_input_shapes_raise():
         model(**make_inputs(model.config, b=1, size=6))
 
 
+def test_projected_context_gives_the_same_noise():
+    model = tiny_model()
+    inputs = make_inputs(model.config, b=2)
+    with torch.no_grad():
+        projected = model.project_context(inputs["context"], inputs["ip_tokens"])
+        eps_projected = model(**dict(inputs, context=projected, ip_tokens=None))
+        eps = model(**inputs)
+    assert len(projected) == len(model._cross_attentions()) > 1
+    assert all(len(kv) == 4 and kv[0].shape[:2] == (2 * FRAMES, 77) for kv in projected.values())
+    torch.testing.assert_close(eps_projected, eps, rtol=0, atol=0)  # the same operations on the same numbers
+    # the image-prompt tokens reach the projection: other tokens give other noise
+    with torch.no_grad():
+        other = model.project_context(inputs["context"], inputs["ip_tokens"] + 1)
+        assert (model(**dict(inputs, context=other, ip_tokens=None)) - eps).abs().max() > 1e-3
+
+
+def test_projected_context_that_does_not_fit_raises():
+    model = tiny_model()
+    inputs = make_inputs(model.config, b=2)
+    projected = model.project_context(inputs["context"], inputs["ip_tokens"])
+    with pytest.raises(ValueError, match="ip_tokens: pass None"):
+        model(**dict(inputs, context=projected))
+    with pytest.raises(ValueError, match="ip_tokens: None"):
+        model(**dict(inputs, ip_tokens=None))
+    with pytest.raises(ValueError, match="another model"):
+        model(**dict(inputs, context=tiny_model().project_context(inputs["context"], inputs["ip_tokens"]),
+                     ip_tokens=None))
+    one = model.project_context(inputs["context"][:FRAMES], inputs["ip_tokens"][:FRAMES])
+    with pytest.raises(ValueError, match=r"projected for \[5\] frames, x has 10"):
+        model(**dict(inputs, context=one, ip_tokens=None))
+    with pytest.raises(ValueError, match="ip_tokens"):
+        model.project_context(inputs["context"], inputs["ip_tokens"][:, :1])
+
+
 def test_encode_image_prompt_shape():
     model = tiny_model()
     tokens = model.encode_image_prompt(torch.randn(3, 5, model.config.ip_in_dim))

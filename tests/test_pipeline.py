@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gen3diffusion.config import SamplerConfig
+from gen3diffusion.diffusion.sampler import JointSampler
 from gen3diffusion.pipeline import Gen3DiffusionPipeline
 from tiny_weights import TINY_IMAGE_SIZE, official_pipeline_kwargs, write_official_folder
 
@@ -83,6 +84,24 @@ def test_without_refinement_each_update_uses_the_mvd_estimate(pipe):
     for out in seen:
         assert out.x0_3d is None and out.gaussians is None
         torch.testing.assert_close(out.x0_used[:, :V], out.x0_2d, rtol=1e-4, atol=1e-4)
+
+
+def test_the_prompt_projected_once_per_call_samples_what_projecting_at_every_step_does(pipe):
+    contexts = []
+    hook = pipe.mv_unet.register_forward_pre_hook(
+        lambda module, args, kwargs: contexts.append(type(kwargs["context"])), with_kwargs=True
+    )
+    try:
+        once = pipe(images(), seed=5, sampler_cfg=sampler_cfg())
+        assert contexts and set(contexts) == {dict}  # every MVD call got the keys and values, not the tokens
+        contexts.clear()
+        pipe.sampler_cls = type("PerStepSampler", (JointSampler,), {"project_context": False})
+        every_step = pipe(images(), seed=5, sampler_cfg=sampler_cfg())
+        assert contexts and set(contexts) == {torch.Tensor}
+    finally:
+        hook.remove()
+        pipe.sampler_cls = JointSampler
+    assert torch.equal(once.gaussians.means, every_step.gaussians.means) and torch.equal(once.views, every_step.views)
 
 
 def test_project_layout_round_trip(pipe, tmp_path):

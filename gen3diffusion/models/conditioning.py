@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel
 
-    from .mv_unet import MultiViewUNet
+    from .mv_unet import MultiViewUNet, ProjectedContext
 
 logger = logging.getLogger(__name__)
 
@@ -278,9 +278,9 @@ def load_prompt_embeddings(
 class MVConditioning:
     """Per-frame conditioning of :meth:`MultiViewUNet.forward` for N samples (N = 2B with guidance: [uncond ; cond])."""
 
-    context: Tensor  # [N*F, 77, C] text tokens
+    context: Tensor | ProjectedContext  # [N*F, 77, C] text tokens, or with ip_tokens projected (project_context)
     camera: Tensor  # [N*F, camera_dim]
-    ip_tokens: Tensor  # [N*F, ip_dim, C] Resampler tokens, repeated per frame
+    ip_tokens: Tensor | None  # [N*F, ip_dim, C] Resampler tokens, repeated per frame; None when context is projected
     ip_img: Tensor  # [N, 4, h, w] input-frame latents
     num_frames: int
     guided: bool

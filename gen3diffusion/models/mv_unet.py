@@ -86,16 +86,30 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim))  # openaimodel: (Linear, Dropout(0)) -> to_out.0
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:  # [B, L, C], [B, T, Cc] -> [B, L, C]
-        context = x if context is None else context
+    def forward(self, x: Tensor, context: Tensor | ProjectedContext | None = None) -> Tensor:  # [B, L, C] -> same
+        """Attend over ``context`` [B, T, Cc] (None: over ``x``), or over keys and values precomputed by
+        :meth:`MultiViewUNet.project_context` (looked up by this module)."""
+        if isinstance(context, dict):
+            keys_values = context[self]
+        else:
+            keys_values = self.project(x if context is None else context)
         q = self.to_q(x)
-        text = context[:, : context.shape[1] - self.ip_dim] if self.ip_dim else context
-        out = _attention(q, self.to_k(text), self.to_v(text), self.heads)
+        out = _attention(q, keys_values[0], keys_values[1], self.heads)
         if self.ip_dim:
-            ip = context[:, -self.ip_dim :]  # [B, ip_dim, Cc]
-            ip_out = _attention(q, self.to_k_ip(ip), self.to_v_ip(ip), self.heads)
+            ip_out = _attention(q, keys_values[2], keys_values[3], self.heads)
             out = torch.add(out, ip_out, alpha=self.ip_weight)  # out + ip_weight * ip_out in one pass
         return self.to_out(out)
+
+    def project(self, context: Tensor) -> tuple[Tensor, ...]:
+        """Keys and values of the tokens [B, T, Cc]: (k, v), then (k_ip, v_ip) of the last ``ip_dim`` tokens."""
+        if not self.ip_dim:
+            return self.to_k(context), self.to_v(context)
+        text, ip = context[:, : context.shape[1] - self.ip_dim], context[:, -self.ip_dim :]  # [B, 77, Cc], [B, ip, Cc]
+        return self.to_k(text), self.to_v(text), self.to_k_ip(ip), self.to_v_ip(ip)
+
+
+# every cross-attention's (k, v, k_ip, v_ip), each [B, T, inner], by module (MultiViewUNet.project_context)
+ProjectedContext = dict[CrossAttention, tuple[Tensor, ...]]
 
 
 class GEGLU(nn.Module):
@@ -132,7 +146,7 @@ class MultiViewTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, context: Tensor, num_frames: int) -> Tensor:  # x [B*F, L, C]
+    def forward(self, x: Tensor, context: Tensor | ProjectedContext, num_frames: int) -> Tensor:  # x [B*F, L, C]
         n, length, c = x.shape
         joint = x.reshape(n // num_frames, num_frames * length, c)  # [B, F*L, C]: the frames' tokens side by side
         x = (self.attn1(self.norm1(joint)) + joint).reshape(n, length, c)
@@ -163,7 +177,7 @@ class MultiViewTransformer(nn.Module):
         )
         self.proj_out = _zero(nn.Linear(inner, channels))
 
-    def forward(self, x: Tensor, context: Tensor, num_frames: int) -> Tensor:  # [B*F, C, h, w]
+    def forward(self, x: Tensor, context: Tensor | ProjectedContext, num_frames: int) -> Tensor:  # [B*F, C, h, w]
         n, c, h, w = x.shape
         tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # [B*F, h*w, inner]
         for block in self.transformer_blocks:
@@ -228,7 +242,9 @@ class Upsample(nn.Module):
 class UNetBlock(nn.Sequential):
     """One entry of input_blocks / middle_block / output_blocks: layers run in order, each given what it needs."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor, num_frames: int) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, x: Tensor, emb: Tensor, context: Tensor | ProjectedContext, num_frames: int
+    ) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
@@ -437,13 +453,31 @@ class MultiViewUNet(ModelMixin, ConfigMixin):
             raise ValueError(f"clip_hidden: expected [B, L, {self.config.ip_in_dim}], got {tuple(clip_hidden.shape)}")
         return self.image_embed(clip_hidden.to(self.compute_dtype))
 
+    def project_context(self, context: Tensor, ip_tokens: Tensor) -> ProjectedContext:
+        """Every ``attn2``'s keys and values of the text tokens [N, 77, C] and image-prompt tokens [N, ip_dim, C].
+
+        They depend on the conditioning only, so a sampler computes them once per call and passes them to
+        :meth:`forward` as ``context`` (with ``ip_tokens=None``) instead of recomputing them at every step; the
+        result is the same.
+        """
+        cfg = self.config
+        if context.ndim != 3 or ip_tokens.shape != (context.shape[0], cfg.ip_dim, cfg.context_dim) or (
+            context.shape[-1] != cfg.context_dim
+        ):
+            raise ValueError(
+                f"context {list(context.shape)}, ip_tokens {list(ip_tokens.shape)}: expected [N, L, {cfg.context_dim}]"
+                f" and [N, {cfg.ip_dim}, {cfg.context_dim}]"
+            )
+        tokens = torch.cat([context, ip_tokens], dim=1).to(self.compute_dtype)  # [N, 77 + ip_dim, C]
+        return {attn: attn.project(tokens) for attn in self._cross_attentions()}
+
     def forward(
         self,
         x: Tensor,  # [B*F, 4, h, w] noisy latents, F frames per sample (last = input frame)
         timesteps: Tensor,  # [B*F] (or a scalar for all)
-        context: Tensor,  # [B*F, 77, context_dim] text tokens
+        context: Tensor | ProjectedContext,  # [B*F, 77, context_dim] text tokens, or project_context's output
         camera: Tensor,  # [B*F, camera_dim]
-        ip_tokens: Tensor,  # [B*F, ip_dim, context_dim] from encode_image_prompt, repeated per frame
+        ip_tokens: Tensor | None,  # [B*F, ip_dim, context_dim] from encode_image_prompt, repeated per frame
         ip_img: Tensor,  # [B, 4, h, w] clean input latent, written into the last frame of each sample
         num_frames: int,
     ) -> Tensor:
@@ -451,6 +485,8 @@ class MultiViewUNet(ModelMixin, ConfigMixin):
 
         The last frame of each sample is replaced by ``ip_img`` before anything else (on a copy: ``x`` is untouched),
         so its input noise never matters. Inputs are computed in the weights' dtype; the result has ``x``'s dtype.
+        ``context`` may be :meth:`project_context`'s keys and values of the text and image-prompt tokens; then
+        ``ip_tokens`` is None.
         """
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
@@ -459,7 +495,8 @@ class MultiViewUNet(ModelMixin, ConfigMixin):
         h = _with_input_frame(x, ip_img, num_frames).to(dtype)
         t_emb = timestep_embedding(timesteps, self.config.model_channels).to(dtype)
         emb = self.time_embed(t_emb) + self.camera_embed(camera.to(dtype))  # [B*F, 4 * model_channels]
-        context = torch.cat([context, ip_tokens], dim=1).to(dtype)  # [B*F, 77 + ip_dim, context_dim]
+        if isinstance(context, Tensor):
+            context = torch.cat([context, ip_tokens], dim=1).to(dtype)  # [B*F, 77 + ip_dim, context_dim]
 
         skips = []
         for block in self.input_blocks:
@@ -470,14 +507,20 @@ class MultiViewUNet(ModelMixin, ConfigMixin):
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, num_frames)
         return self.out(h).to(x.dtype)
 
-    def _run(self, block: UNetBlock, h: Tensor, emb: Tensor, context: Tensor, num_frames: int) -> Tensor:
+    def _run(
+        self, block: UNetBlock, h: Tensor, emb: Tensor, context: Tensor | ProjectedContext, num_frames: int
+    ) -> Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return self._gradient_checkpointing_func(block, h, emb, context, num_frames)
         return block(h, emb, context, num_frames)
 
+    def _cross_attentions(self) -> list[CrossAttention]:
+        """Every transformer block's ``attn2`` (the attentions over the text and image-prompt tokens)."""
+        return [m.attn2 for m in self.modules() if isinstance(m, MultiViewTransformerBlock)]
+
     def _check_inputs(
-        self, x: Tensor, timesteps: Tensor, context: Tensor, camera: Tensor, ip_tokens: Tensor, ip_img: Tensor,
-        num_frames: int,
+        self, x: Tensor, timesteps: Tensor, context: Tensor | ProjectedContext, camera: Tensor,
+        ip_tokens: Tensor | None, ip_img: Tensor, num_frames: int,
     ) -> None:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
@@ -490,18 +533,32 @@ class MultiViewUNet(ModelMixin, ConfigMixin):
             raise ValueError(f"x: latent size {tuple(x.shape[2:])} is not a multiple of {factor} (the UNet's depth)")
         expected = {
             "timesteps": (n,),
-            "context": (n, None, cfg.context_dim),
             "camera": (n, cfg.camera_dim),
-            "ip_tokens": (n, cfg.ip_dim, cfg.context_dim),
             "ip_img": (n // num_frames, cfg.in_channels, *x.shape[2:]),
         }
-        given = {"timesteps": timesteps, "context": context, "camera": camera, "ip_tokens": ip_tokens, "ip_img": ip_img}
+        given = {"timesteps": timesteps, "camera": camera, "ip_img": ip_img}
+        if isinstance(context, Tensor):
+            if ip_tokens is None:
+                raise ValueError("ip_tokens: None, but context holds text tokens (None only with project_context's)")
+            expected |= {"context": (n, None, cfg.context_dim), "ip_tokens": (n, cfg.ip_dim, cfg.context_dim)}
+            given |= {"context": context, "ip_tokens": ip_tokens}
+        else:
+            self._check_projected_context(context, ip_tokens, n)
         for name, shape in expected.items():
             got = tuple(given[name].shape)
             if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
                 want = "[" + ", ".join("L" if s is None else str(s) for s in shape) + "]"
                 context_note = f"x {list(x.shape)}, num_frames={num_frames}"
                 raise ValueError(f"{name}: expected {want}, got {list(got)} ({context_note})")
+
+    def _check_projected_context(self, context: ProjectedContext, ip_tokens: Tensor | None, n: int) -> None:
+        if ip_tokens is not None:
+            raise ValueError("ip_tokens: pass None with a projected context (project_context already holds them)")
+        if context.keys() != set(self._cross_attentions()):
+            raise ValueError("context: these keys and values were projected by another model (project_context)")
+        sizes = {kv.shape[0] for keys_values in context.values() for kv in keys_values}
+        if sizes != {n}:
+            raise ValueError(f"context: projected for {sorted(sizes)} frames, x has {n}")
 
 
 def _with_input_frame(x: Tensor, ip_img: Tensor, num_frames: int) -> Tensor:
