@@ -214,6 +214,15 @@ def test_trimming_the_context_view_after_the_last_attention_is_exact(up_attentio
         model.unet(x, timesteps, num_views=5, keep_views=6)
 
 
+def test_forward_traces_into_one_graph_for_torch_compile():
+    # a graph break splits the compiled U-Net into a graph per block, recompiled per block up to dynamo's limit
+    model = tiny_model().eval()
+    x, timesteps = model.build_input(**make_inputs(b=1))
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model.unet)(x, timesteps, num_views=5, keep_views=4)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
 def test_trimmed_views_keep_their_gradients():
     model = tiny_model().double()
     model.unet.gradient_checkpointing = True

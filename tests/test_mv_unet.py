@@ -228,6 +228,15 @@ def test_projected_context_that_does_not_fit_raises():
         model.project_context(inputs["context"], inputs["ip_tokens"][:, :1])
 
 
+def test_forward_with_a_projected_context_traces_into_one_graph_for_torch_compile():
+    model = tiny_model()
+    inputs = make_inputs(model.config, b=1)
+    with torch.no_grad():
+        projected = model.project_context(inputs["context"], inputs["ip_tokens"])
+        explained = torch._dynamo.explain(model)(**dict(inputs, context=projected, ip_tokens=None))
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
 def test_encode_image_prompt_shape():
     model = tiny_model()
     tokens = model.encode_image_prompt(torch.randn(3, 5, model.config.ip_in_dim))

@@ -266,6 +266,11 @@ class GaussianUNet(nn.Module):
         self.norm_out = GroupNorm(g, cin, eps=1e-5, silu=True)
         self.conv_out = nn.Conv2d(cin, out_channels, 3, padding=1)
         self.up_layers_per_block = up_layers_per_block
+        # the last up block with attention trims the views before its upsampling conv; later blocks see K views
+        # (-1: none has attention). Fixed by the architecture; computed here also because torch.compile of torch
+        # 2.11 cannot trace max(..., default=) and would break the forward's graph into one per block
+        attending = [i for i, attn in enumerate(up_attention) if attn]
+        self.last_up_attention = attending[-1] if attending else -1
         # output grid size / input size
         self.output_scale = 2.0 ** (len(up_channels) - len(down_channels))
         self.input_multiple = 2 ** (len(down_channels) - 1)
@@ -293,8 +298,7 @@ class GaussianUNet(nn.Module):
             x, block_skips = self._run(block, x, temb, num_views)
             skips += block_skips
         x = self._run(self.mid_block, x, temb, num_views)
-        # the last up block with attention trims the views before its upsampling conv; later blocks see K views
-        last_attention = max((i for i, block in enumerate(self.up_blocks) if block.attns), default=-1)
+        last_attention = self.last_up_attention
         temb_kept = first_views(temb, num_views, keep)  # [B*K, D]
         if last_attention < 0:
             x = first_views(x, num_views, keep)
