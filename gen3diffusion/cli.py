@@ -32,8 +32,8 @@ def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=SamplerConfig.cuda_graphs,
                         help="replay each step's fixed-shape parts as CUDA graphs (CUDA only; same numbers, faster)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the networks: about 3.5 minutes of compiling first, then no faster than "
-                             "the default's fused kernels (full size, H100: 2.33 vs 2.23 s per object)")
+                        help="torch.compile the networks: minutes of compiling first, and no faster than the "
+                             "default's fused kernels on an H100 (docs/benchmarks.md)")
 
 
 def load_pipeline(args: argparse.Namespace) -> Gen3DiffusionPipeline:

@@ -214,8 +214,8 @@ class Gen3DiffusionPipeline:
         """``torch.compile`` the MV UNet, the VAE's encoder and decoder and the 3D U-Net in place, channels_last.
 
         Inductor fuses what the eager default fuses with its own kernels (:mod:`~gen3diffusion.models.kernels`), so on
-        an H100 at full size it no longer pays: 206 s of compiling, then 2.33 s per object against 2.23 s without
-        (docs/benchmarks.md). Kept for other cards and versions. Compiled kernels round differently from eager ones,
+        an H100 at full size it has not paid: 2-3.5 minutes of compiling, then no faster (docs/benchmarks.md). Kept
+        for other cards and versions. Compiled kernels round differently from eager ones,
         within the dtype's precision."""
         self.use_channels_last()  # the measured configuration: inductor then keeps convolutions and norms in NHWC
         for module in (self.mv_unet, self.vae.encoder, self.vae.decoder, self.model_3d.unet):
