@@ -21,7 +21,7 @@ ImageDream sampling and only the final pass runs the 3D model. A 3D model traine
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -314,7 +314,7 @@ class JointSampler:
         mv = replace(cond.mv, **{f.name: self._pin(f"mv.{f.name}", getattr(cond.mv, f.name)) for f in fields(cond.mv)})
         return Conditioning(self.graphs.pin("image", cond.image), mv)
 
-    def _pin(self, name: str, value):
+    def _pin(self, name: str, value: Any) -> Any:
         """``value`` with every tensor in it (alone, or in a projected context's tuples) copied by ``graphs.pin``."""
         if isinstance(value, Tensor):
             return self.graphs.pin(name, value)
