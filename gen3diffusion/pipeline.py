@@ -215,8 +215,8 @@ class Gen3DiffusionPipeline:
 
         Inductor fuses what the eager default fuses with its own kernels (:mod:`~gen3diffusion.models.kernels`), so on
         an H100 at full size it has not paid: 2-3.5 minutes of compiling, then no faster (docs/benchmarks.md). Kept
-        for other cards and versions. Compiled kernels round differently from eager ones,
-        within the dtype's precision."""
+        for other cards and versions. Compiled kernels round differently from eager ones, within the dtype's
+        precision."""
         self.use_channels_last()  # the measured configuration: inductor then keeps convolutions and norms in NHWC
         for module in (self.mv_unet, self.vae.encoder, self.vae.decoder, self.model_3d.unet):
             module.compile(mode=mode)

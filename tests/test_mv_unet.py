@@ -201,7 +201,7 @@ def test_projected_context_gives_the_same_noise():
         projected = model.project_context(inputs["context"], inputs["ip_tokens"])
         eps_projected = model(**dict(inputs, context=projected, ip_tokens=None))
         eps = model(**inputs)
-    assert len(projected) == len(model._cross_attentions()) > 1
+    assert len(projected) == len(model.cross_attentions) > 1
     assert all(len(kv) == 4 and kv[0].shape[:2] == (2 * FRAMES, 77) for kv in projected.values())
     torch.testing.assert_close(eps_projected, eps, rtol=0, atol=0)  # the same operations on the same numbers
     # the image-prompt tokens reach the projection: other tokens give other noise

@@ -416,6 +416,9 @@ class MultiViewUNet(ModelMixin, ConfigMixin):
             GroupNorm(groups, ch, silu=True), nn.Identity(), _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
         )
         self.gradient_checkpointing = False
+        # every transformer block's attn2 (the attentions over the text and image-prompt tokens), for project_context;
+        # a plain tuple, so the modules stay registered only where they are
+        self.cross_attentions = tuple(m.attn2 for m in self.modules() if isinstance(m, MultiViewTransformerBlock))
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -469,7 +472,7 @@ class MultiViewUNet(ModelMixin, ConfigMixin):
                 f" and [N, {cfg.ip_dim}, {cfg.context_dim}]"
             )
         tokens = torch.cat([context, ip_tokens], dim=1).to(self.compute_dtype)  # [N, 77 + ip_dim, C]
-        return {attn: attn.project(tokens) for attn in self._cross_attentions()}
+        return {attn: attn.project(tokens) for attn in self.cross_attentions}
 
     def forward(
         self,
@@ -514,10 +517,6 @@ class MultiViewUNet(ModelMixin, ConfigMixin):
             return self._gradient_checkpointing_func(block, h, emb, context, num_frames)
         return block(h, emb, context, num_frames)
 
-    def _cross_attentions(self) -> list[CrossAttention]:
-        """Every transformer block's ``attn2`` (the attentions over the text and image-prompt tokens)."""
-        return [m.attn2 for m in self.modules() if isinstance(m, MultiViewTransformerBlock)]
-
     def _check_inputs(
         self, x: Tensor, timesteps: Tensor, context: Tensor | ProjectedContext, camera: Tensor,
         ip_tokens: Tensor | None, ip_img: Tensor, num_frames: int,
@@ -554,7 +553,7 @@ class MultiViewUNet(ModelMixin, ConfigMixin):
     def _check_projected_context(self, context: ProjectedContext, ip_tokens: Tensor | None, n: int) -> None:
         if ip_tokens is not None:
             raise ValueError("ip_tokens: pass None with a projected context (project_context already holds them)")
-        if context.keys() != set(self._cross_attentions()):
+        if context.keys() != set(self.cross_attentions):
             raise ValueError("context: these keys and values were projected by another model (project_context)")
         sizes = {kv.shape[0] for keys_values in context.values() for kv in keys_values}
         if sizes != {n}:
