@@ -329,6 +329,20 @@ def test_nothing_visible_renders_background_and_keeps_the_graph():
 # errors
 
 
+def test_background_as_numbers_a_tensor_or_per_view_lists_renders_the_same():
+    """The background reaches the image the same way whether given as RGB numbers, a tensor or nested per-view lists
+    (numbers are filled on the device rather than copied from the host)."""
+    g, cams = _random_gaussians(30, scale=(0.01, 0.03)), _cameras((0.0, 90.0), size=16)
+    rgb = (0.1, 0.5, 0.9)
+    ref = rasterize(g, cams, background=rgb, backend="torch").rgb  # [1, 2, 3, 16, 16]
+    empty = ref.new_ones(1, 2, 3, 16, 16) * torch.tensor(rgb, dtype=ref.dtype)[:, None, None]
+    visible = rasterize(g, cams, background=(0.0, 0.0, 0.0), backend="torch").rgb
+    assert not torch.equal(ref, visible) and torch.allclose(ref[..., :1, :1], empty[..., :1, :1])  # a corner is empty
+    for background in ([0.1, 0.5, 0.9], torch.tensor(rgb, dtype=torch.float64), [[list(rgb), list(rgb)]]):
+        torch.testing.assert_close(rasterize(g, cams, background=background, backend="torch").rgb, ref,
+                                   rtol=0, atol=1e-12)
+
+
 def test_bad_camera_batch_names_the_shape():
     g = _random_gaussians(10, batch=2)
     c2w = orbit_camera(torch.zeros(6), torch.zeros(6), 1.5).reshape(3, 2, 4, 4).double()

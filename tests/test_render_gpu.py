@@ -140,3 +140,23 @@ def test_gsplat_tile_size_does_not_change_the_image(scale):
         tiles32 = rasterize(g, cams, backend="gsplat", cfg=dataclasses.replace(CFG, tile_size=32), depth=False)
     torch.testing.assert_close(tiles32.rgb, tiles16.rgb, atol=1e-6, rtol=0)
     torch.testing.assert_close(tiles32.alpha, tiles16.alpha, atol=1e-6, rtol=0)
+
+
+def test_render_set_up_does_not_wait_for_the_gpu():
+    """The view matrices and the background are made on the device: a host-to-device copy there would make the CPU
+    wait for every queued kernel (in sampling, the whole MVD + VAE + 3D model graph) before the render could start."""
+    from gen3diffusion.render import _background, _camera_matrices
+
+    means = torch.zeros(1, 8, 3, device="cuda")
+    cams = _cameras()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        viewmats, Ks = _camera_matrices(cams, 1, means)
+        bg = _background((1.0, 0.5, 0.0), 1, 4, means)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    flip = torch.tensor([1.0, -1.0, -1.0, 1.0], device="cuda")
+    torch.testing.assert_close(viewmats[0], torch.linalg.inv(cams.c2w * flip))
+    assert Ks.shape == (1, 4, 3, 3)
+    torch.testing.assert_close(bg, torch.tensor([1.0, 0.5, 0.0], device="cuda").expand(1, 4, 3))

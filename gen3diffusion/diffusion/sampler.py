@@ -220,8 +220,9 @@ class JointSampler:
         x0_2d = x0_3d = gaussians = None
         if not self.uses_prior or self.cfg.refine:
             eps, x0_2d, raw, _ = self._predict(x_t, t, cond)
-            rgb = self.render(raw, self.render_cameras)  # [B, V, 3, s, s]
+            # drawn before the render, whose tile count waits for the GPU: queued now, it runs while the GPU is busy
             noise = self.posterior_noise(generators, V, x_t.device)
+            rgb = self.render(raw, self.render_cameras)  # [B, V, 3, s, s]
             eps_3d, x0_3d = self._run("refine", self.refine_eps, rgb, noise, x_t, alpha_bar_t)
             eps = torch.cat([eps_3d, eps[:, V:]], dim=1) if self.uses_prior else eps_3d  # the input frame keeps its eps
             gaussians = activate(raw)

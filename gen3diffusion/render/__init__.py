@@ -156,14 +156,21 @@ def _camera_matrices(cameras: Cameras, B: int, like: Tensor) -> tuple[Tensor, Te
         K = torch.broadcast_to(K, (B, V, 3, 3))
     except RuntimeError as err:
         raise ValueError(f"cameras.K {list(K.shape)} does not broadcast to [B={B}, V={V}, 3, 3]") from err
-    # OpenGL camera axes (y up, looking down -z) -> OpenCV (y down, looking down +z): flip camera y and z
-    flip = torch.tensor([1.0, -1.0, -1.0, 1.0], device=like.device, dtype=like.dtype)
-    viewmats = torch.linalg.inv_ex(c2w * flip).inverse  # [B, V, 4, 4]; inv_ex: no host sync for an error check
+    # OpenGL camera axes (y up, looking down -z) -> OpenCV (y down, looking down +z): negate the camera's y and z
+    # columns. By device ops: a flip vector copied from the host would make the CPU wait for the GPU's queue.
+    c2w = torch.cat([c2w[..., :1], -c2w[..., 1:3], c2w[..., 3:]], dim=-1)
+    viewmats = torch.linalg.inv_ex(c2w).inverse  # [B, V, 4, 4]; inv_ex: no host sync for an error check
     return viewmats, K
 
 
 def _background(background: Sequence[float] | Tensor, B: int, V: int, like: Tensor) -> Tensor:
-    bg = torch.as_tensor(background, device=like.device, dtype=like.dtype)
+    if isinstance(background, Tensor):
+        bg = background.to(device=like.device, dtype=like.dtype)
+    elif len(background) and all(isinstance(v, (int, float)) for v in background):
+        # RGB numbers: filled on the device; a host-to-device copy of them would wait for the GPU's queue to drain
+        bg = torch.stack([like.new_full((), float(v)) for v in background])
+    else:
+        bg = torch.as_tensor(background, device=like.device, dtype=like.dtype)
     try:
         return torch.broadcast_to(bg, (B, V, 3))
     except RuntimeError as err:
