@@ -19,8 +19,9 @@ Optional extra modes: ``fast-fp32`` (fast in float32), ``bf16-eager`` (fast with
 every mode and batch size it prints seconds per object, peak GPU memory and the speed-up over ``reference``, and the
 parity of each mode's Gaussians against the reference ones on the same seed (after the full run and after two
 steps). Then, unless ``--analyse none``: the FLOPs of one step and the fraction of the card's bf16 peak each mode
-reaches, the bf16-vs-float32 error of one step's parts from identical inputs, the time of each part of a step, and
-optionally a torch.profiler table. ``--gaussian-size trained`` runs every mode with the random 3D model's Gaussians
+reaches, the bf16-vs-float32 error of one step's parts from identical inputs, the time of each part of a step, how
+long the GPU waits for the CPU in a step with CUDA graphs (from a profiler trace), and optionally a torch.profiler
+table. ``--gaussian-size trained`` runs every mode with the random 3D model's Gaussians
 shrunk to the size of trained ones, whose render costs what a user's does.
 
     python bench/bench_sample.py --json bench_sample.json
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import replace
@@ -265,6 +267,62 @@ def breakdown(pipe: Gen3DiffusionPipeline, images: Tensor, cfg: SamplerConfig) -
     return {name: statistics.median(s.elapsed_time(e) for s, e in pairs) for name, pairs in TimedSampler.events.items()}
 
 
+def gaps_between(intervals: list[tuple[float, float, str]]) -> tuple[float, list[tuple[float, str, str]]]:
+    """The time covered by the union of ``(start, end, name)`` intervals, and every gap between them as ``(length,
+    name of the last interval before it, name of the first after it)``, longest first."""
+    intervals = sorted(intervals)
+    if not intervals:
+        return 0.0, []
+    busy, gaps = 0.0, []
+    start, end, last = intervals[0]
+    for s, e, name in intervals[1:]:
+        if s > end:
+            busy += end - start
+            gaps.append((s - end, last, name))
+            start, end, last = s, e, name
+        elif e > end:
+            end, last = e, name
+    busy += end - start
+    return busy, sorted(gaps, reverse=True)
+
+
+def steady_state_idle(trace_events: list[dict], marker: str = "projection", top: int = 10) -> dict:
+    """GPU idle time per step from a Chrome trace's events (``torch.profiler``'s ``export_chrome_trace``): its kernels,
+    copies and memsets between the first and the last kernel whose name contains ``marker`` (one per step: gsplat's
+    projection), so the call's set-up and final pass are left out. Times in ms per step; the ``top`` longest gaps in
+    microseconds with the GPU work on either side."""
+    gpu = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in trace_events
+           if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    marks = sorted(start for start, _, name in gpu if marker in name)
+    if len(marks) < 2:
+        raise ValueError(f"need two or more GPU events named like {marker!r} to mark steps, found {len(marks)}")
+    first, last = marks[0], marks[-1]
+    steps = len(marks) - 1
+    busy, gaps = gaps_between([(s, min(e, last), n) for s, e, n in gpu if first <= s < last])
+    return {"steps": steps, "ms_per_step": (last - first) / 1e3 / steps, "busy_ms_per_step": busy / 1e3 / steps,
+            "idle_ms_per_step": (last - first - busy) / 1e3 / steps,
+            "largest_gaps_us": [(round(g, 1), before, after) for g, before, after in gaps[:top]]}
+
+
+def gpu_idle(pipe: Gen3DiffusionPipeline, images: Tensor, cfg: SamplerConfig, steps: int = 6) -> dict:
+    """How long the GPU waits for the CPU in a step with CUDA graphs (:func:`steady_state_idle` of a ``steps``-step
+    call under ``torch.profiler``, after a call of the same length that captures the graphs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pipe.sampler_cls = JointSampler
+    run_cfg = replace(cfg, num_steps=steps, cuda_graphs=True)
+    pipe(images, seed=0, sampler_cfg=run_cfg)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        pipe(images, seed=0, sampler_cfg=run_cfg)
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    return steady_state_idle(events)
+
+
 def profile_summary(prof) -> dict[str, float]:
     """GPU kernel time by kind (:data:`KERNEL_KINDS`), in ms, from a ``torch.profiler`` run."""
     from torch.autograd import DeviceType
@@ -371,6 +429,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{args.analyse}: one step with each part in its own CUDA graph, batch 1, median ms per step:")
     for name, ms in report["breakdown_ms"].items():
         print(f"  {name}: {ms:.2f}")
+    report["gpu_idle"] = idle = gpu_idle(pipe, images, cfg)
+    print(f"\n{args.analyse} with CUDA graphs, batch 1: {idle['ms_per_step']:.2f} ms per step, of which the GPU waits "
+          f"{idle['idle_ms_per_step']:.2f} ms for the CPU (profiler trace of {idle['steps']} steps); longest gaps:")
+    for gap, before, after in idle["largest_gaps_us"][:5]:
+        print(f"  {gap:.0f} us after {before[:60]} / before {after[:60]}")
     save()
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
