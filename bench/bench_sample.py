@@ -21,8 +21,8 @@ parity of each mode's Gaussians against the reference ones on the same seed (aft
 steps). Then, unless ``--analyse none``: the FLOPs of one step and the fraction of the card's bf16 peak each mode
 reaches, the bf16-vs-float32 error of one step's parts from identical inputs, the time of each part of a step, how
 long the GPU waits for the CPU in a step with CUDA graphs (from a profiler trace), and optionally a torch.profiler
-table. ``--gaussian-size trained`` runs every mode with the random 3D model's Gaussians
-shrunk to the size of trained ones, whose render costs what a user's does.
+table. ``--gaussian-size trained`` runs every mode with the random 3D model's Gaussians shrunk to the size of trained
+ones, whose render costs what a user's does.
 
     python bench/bench_sample.py --json bench_sample.json
     python bench/bench_sample.py --modes reference fast bf16-eager --batch-sizes 1 --profile profile.txt

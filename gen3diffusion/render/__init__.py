@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from gen3diffusion.cameras import opengl_to_opencv
 from gen3diffusion.config import RenderConfig
 
 if TYPE_CHECKING:
@@ -156,10 +157,9 @@ def _camera_matrices(cameras: Cameras, B: int, like: Tensor) -> tuple[Tensor, Te
         K = torch.broadcast_to(K, (B, V, 3, 3))
     except RuntimeError as err:
         raise ValueError(f"cameras.K {list(K.shape)} does not broadcast to [B={B}, V={V}, 3, 3]") from err
-    # OpenGL camera axes (y up, looking down -z) -> OpenCV (y down, looking down +z): negate the camera's y and z
-    # columns. By device ops: a flip vector copied from the host would make the CPU wait for the GPU's queue.
-    c2w = torch.cat([c2w[..., :1], -c2w[..., 1:3], c2w[..., 3:]], dim=-1)
-    viewmats = torch.linalg.inv_ex(c2w).inverse  # [B, V, 4, 4]; inv_ex: no host sync for an error check
+    # OpenGL camera axes -> OpenCV, by device ops only (a flip vector copied from the host would make the CPU wait for
+    # the GPU's queue); inv_ex: no host sync for an error check
+    viewmats = torch.linalg.inv_ex(opengl_to_opencv(c2w)).inverse  # [B, V, 4, 4]
     return viewmats, K
 
 
