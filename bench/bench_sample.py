@@ -286,11 +286,14 @@ def gaps_between(intervals: list[tuple[float, float, str]]) -> tuple[float, list
     return busy, sorted(gaps, reverse=True)
 
 
-def steady_state_idle(trace_events: list[dict], marker: str = "projection", top: int = 10) -> dict:
+def steady_state_idle(trace_events: list[dict], marker: str = "projection", top: int = 10,
+                      long_gap_us: float = 20.0) -> dict:
     """GPU idle time per step from a Chrome trace's events (``torch.profiler``'s ``export_chrome_trace``): its kernels,
     copies and memsets between the first and the last kernel whose name contains ``marker`` (one per step: gsplat's
-    projection), so the call's set-up and final pass are left out. Times in ms per step; the ``top`` longest gaps in
-    microseconds with the GPU work on either side."""
+    projection), so the call's set-up and final pass are left out. Times in ms per step, the idle time also split
+    into gaps of at least ``long_gap_us`` (the GPU waits for the CPU) and shorter ones (the few microseconds between
+    consecutive kernels, also inside a CUDA graph); the ``top`` longest gaps in microseconds with the GPU work on
+    either side."""
     gpu = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in trace_events
            if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
     marks = sorted(start for start, _, name in gpu if marker in name)
@@ -299,8 +302,12 @@ def steady_state_idle(trace_events: list[dict], marker: str = "projection", top:
     first, last = marks[0], marks[-1]
     steps = len(marks) - 1
     busy, gaps = gaps_between([(s, min(e, last), n) for s, e, n in gpu if first <= s < last])
+    long_gaps = [g for g, _, _ in gaps if g >= long_gap_us]
     return {"steps": steps, "ms_per_step": (last - first) / 1e3 / steps, "busy_ms_per_step": busy / 1e3 / steps,
             "idle_ms_per_step": (last - first - busy) / 1e3 / steps,
+            "long_gap_us": long_gap_us, "long_gaps_per_step": len(long_gaps) / steps,
+            "long_gap_ms_per_step": sum(long_gaps) / 1e3 / steps,
+            "short_gaps_per_step": (len(gaps) - len(long_gaps)) / steps,
             "largest_gaps_us": [(round(g, 1), before, after) for g, before, after in gaps[:top]]}
 
 
@@ -430,8 +437,11 @@ def main(argv: list[str] | None = None) -> None:
     for name, ms in report["breakdown_ms"].items():
         print(f"  {name}: {ms:.2f}")
     report["gpu_idle"] = idle = gpu_idle(pipe, images, cfg)
-    print(f"\n{args.analyse} with CUDA graphs, batch 1: {idle['ms_per_step']:.2f} ms per step, of which the GPU waits "
-          f"{idle['idle_ms_per_step']:.2f} ms for the CPU (profiler trace of {idle['steps']} steps); longest gaps:")
+    print(f"\n{args.analyse} with CUDA graphs, batch 1: {idle['ms_per_step']:.2f} ms per step, of which the GPU idles "
+          f"{idle['idle_ms_per_step']:.2f} ms (profiler trace of {idle['steps']} steps): "
+          f"{idle['long_gap_ms_per_step']:.2f} ms in {idle['long_gaps_per_step']:.1f} gaps of {idle['long_gap_us']:g} us "
+          f"or more (waiting for the CPU), the rest in {idle['short_gaps_per_step']:.0f} shorter gaps between kernels; "
+          "longest gaps:")
     for gap, before, after in idle["largest_gaps_us"][:5]:
         print(f"  {gap:.0f} us after {before[:60]} / before {after[:60]}")
     save()
