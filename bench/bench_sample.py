@@ -20,9 +20,9 @@ every mode and batch size it prints seconds per object, peak GPU memory and the 
 parity of each mode's Gaussians against the reference ones on the same seed (after the full run and after two
 steps). Then, unless ``--analyse none``: the FLOPs of one step and the fraction of the card's bf16 peak each mode
 reaches, the bf16-vs-float32 error of one step's parts from identical inputs, the time of each part of a step, how
-long the GPU waits for the CPU in a step with CUDA graphs (from a profiler trace), and optionally a torch.profiler
-table. ``--gaussian-size trained`` runs every mode with the random 3D model's Gaussians shrunk to the size of trained
-ones, whose render costs what a user's does.
+long the GPU idles in a step with CUDA graphs and how much of that is waiting for the CPU (from a profiler trace),
+and optionally a torch.profiler table. ``--gaussian-size trained`` runs every mode with the random 3D model's
+Gaussians shrunk to the size of trained ones, whose render costs what a user's does.
 
     python bench/bench_sample.py --json bench_sample.json
     python bench/bench_sample.py --modes reference fast bf16-eager --batch-sizes 1 --profile profile.txt
@@ -312,8 +312,8 @@ def steady_state_idle(trace_events: list[dict], marker: str = "projection", top:
 
 
 def gpu_idle(pipe: Gen3DiffusionPipeline, images: Tensor, cfg: SamplerConfig, steps: int = 6) -> dict:
-    """How long the GPU waits for the CPU in a step with CUDA graphs (:func:`steady_state_idle` of a ``steps``-step
-    call under ``torch.profiler``, after a call of the same length that captures the graphs)."""
+    """How long the GPU idles in a step with CUDA graphs, and in which gaps (:func:`steady_state_idle` of a
+    ``steps``-step call under ``torch.profiler``, after a call of the same length that captures the graphs)."""
     from torch.profiler import ProfilerActivity, profile
 
     pipe.sampler_cls = JointSampler
@@ -439,8 +439,9 @@ def main(argv: list[str] | None = None) -> None:
     report["gpu_idle"] = idle = gpu_idle(pipe, images, cfg)
     print(f"\n{args.analyse} with CUDA graphs, batch 1: {idle['ms_per_step']:.2f} ms per step, of which the GPU idles "
           f"{idle['idle_ms_per_step']:.2f} ms (profiler trace of {idle['steps']} steps): "
-          f"{idle['long_gap_ms_per_step']:.2f} ms in {idle['long_gaps_per_step']:.1f} gaps of {idle['long_gap_us']:g} us "
-          f"or more (waiting for the CPU), the rest in {idle['short_gaps_per_step']:.0f} shorter gaps between kernels; "
+          f"{idle['long_gap_ms_per_step']:.2f} ms in {idle['long_gaps_per_step']:.1f} gaps of "
+          f"{idle['long_gap_us']:g} us or more (waiting for the CPU), the rest in {idle['short_gaps_per_step']:.0f} "
+          "shorter gaps between kernels; "
           "longest gaps:")
     for gap, before, after in idle["largest_gaps_us"][:5]:
         print(f"  {gap:.0f} us after {before[:60]} / before {after[:60]}")
