@@ -51,6 +51,7 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "demo"
 PROJECT_FILES = ("mv_unet/config.json", "model_3d/config.json", "vae/config.json", "image_encoder/config.json",
                  "scheduler/scheduler_config.json", "prompt_embeds.safetensors")
 OFFICIAL_BASE_FILES = ("unet/config.json", "vae/config.json", "image_encoder/config.json", "scheduler/scheduler_config.json")
+COMPILABLE_NETWORKS = ("mv_unet", "vae", "model_3d")  # what Gen3DiffusionPipeline.compile can compile
 BORDER_RATIO = {"objects": 0.45, "avatars": 0.227}
 
 
@@ -210,16 +211,24 @@ class Gen3DiffusionPipeline:
         self.graphs.clear()
         return self
 
-    def compile(self, mode: str = "default") -> "Gen3DiffusionPipeline":
-        """``torch.compile`` the MV UNet, the VAE's encoder and decoder and the 3D U-Net in place, channels_last.
+    def compile(self, mode: str = "default", networks: Sequence[str] = COMPILABLE_NETWORKS
+                ) -> "Gen3DiffusionPipeline":
+        """``torch.compile`` the chosen ``networks`` in place, channels_last: ``"mv_unet"``, ``"vae"`` (its encoder
+        and decoder) and ``"model_3d"`` (the 3D U-Net); by default all three.
 
         Inductor fuses what the eager default fuses with its own kernels (:mod:`~gen3diffusion.models.kernels`), so on
-        an H100 at full size it has not paid: 2-3.5 minutes of compiling, then no faster (docs/benchmarks.md). Kept
-        for other cards and versions. Compiled kernels round differently from eager ones, within the dtype's
+        an H100 at full size it has not paid for all three: minutes of compiling, then no faster (docs/benchmarks.md).
+        Kept for other cards and versions. Compiled kernels round differently from eager ones, within the dtype's
         precision."""
+        unknown = sorted(set(networks) - set(COMPILABLE_NETWORKS))
+        if unknown:
+            raise ValueError(f"compile: unknown networks {unknown}; choose from {list(COMPILABLE_NETWORKS)}")
         self.use_channels_last()  # the measured configuration: inductor then keeps convolutions and norms in NHWC
-        for module in (self.mv_unet, self.vae.encoder, self.vae.decoder, self.model_3d.unet):
-            module.compile(mode=mode)
+        modules = {"mv_unet": [self.mv_unet], "vae": [self.vae.encoder, self.vae.decoder],
+                   "model_3d": [self.model_3d.unet]}
+        for name in networks:
+            for module in modules[name]:
+                module.compile(mode=mode)
         self.graphs.clear()
         return self
 

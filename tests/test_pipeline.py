@@ -154,3 +154,26 @@ def test_3d_model_without_2d_prior_samples_on_its_own(pipe, tmp_path):
     again = Gen3DiffusionPipeline.from_pretrained(alone.save_pretrained(tmp_path / "alone"), device="cpu")
     assert again.model_3d.config.use_prior is False
     torch.testing.assert_close(again(images(), seed=0, sampler_cfg=sampler_cfg()).gaussians.means, out.gaussians.means)
+
+
+def test_compile_rejects_unknown_networks(pipe):
+    with pytest.raises(ValueError, match=r"unknown networks \['unet'\]"):
+        pipe.compile(networks=("mv_unet", "unet"))
+
+
+@pytest.mark.slow
+def test_compiling_only_the_mv_unet_samples_what_eager_does(official_dir):
+    """``compile(networks=("mv_unet",))`` compiles that network alone (the VAE and the 3D U-Net stay eager) and the
+    compiled pipeline samples the eager one's Gaussians up to float32 rounding."""
+    eager, compiled = (Gen3DiffusionPipeline.from_pretrained(official_dir, device="cpu", **official_pipeline_kwargs())
+                       for _ in range(2))
+    compiled.compile(networks=("mv_unet",))
+    is_compiled = {name: module._compiled_call_impl is not None for name, module in [
+        ("mv_unet", compiled.mv_unet), ("vae encoder", compiled.vae.encoder), ("vae decoder", compiled.vae.decoder),
+        ("3D U-Net", compiled.model_3d.unet)]}
+    assert is_compiled == {"mv_unet": True, "vae encoder": False, "vae decoder": False, "3D U-Net": False}
+    for p in (eager, compiled):
+        p.progress = False
+    expected = eager(images(), seed=3, sampler_cfg=sampler_cfg()).gaussians
+    got = compiled(images(), seed=3, sampler_cfg=sampler_cfg()).gaussians
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
