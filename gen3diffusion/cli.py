@@ -32,7 +32,7 @@ def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=SamplerConfig.cuda_graphs,
                         help="replay each step's fixed-shape parts as CUDA graphs (CUDA only; same numbers, faster)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the networks: minutes of compiling first, and no faster than the "
+                        help="torch.compile the networks: minutes of compiling first, and slower than the "
                              "default's fused kernels on an H100 (docs/benchmarks.md)")
 
 

@@ -217,9 +217,9 @@ class Gen3DiffusionPipeline:
         and decoder) and ``"model_3d"`` (the 3D U-Net); by default all three.
 
         Inductor fuses what the eager default fuses with its own kernels (:mod:`~gen3diffusion.models.kernels`), so on
-        an H100 at full size it has not paid for all three: minutes of compiling, then no faster (docs/benchmarks.md).
-        Kept for other cards and versions. Compiled kernels round differently from eager ones, within the dtype's
-        precision."""
+        an H100 at full size it has not paid: minutes of compiling, then slower with all three and no faster with the
+        MV UNet alone (docs/benchmarks.md). Kept for other cards and versions. Compiled kernels round differently from
+        eager ones, within the dtype's precision."""
         unknown = sorted(set(networks) - set(COMPILABLE_NETWORKS))
         if unknown:
             raise ValueError(f"compile: unknown networks {unknown}; choose from {list(COMPILABLE_NETWORKS)}")
