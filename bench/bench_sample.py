@@ -16,8 +16,8 @@ vision tower, 3D-GS model 0.42 B; no text encoder: random prompt embeddings stan
 
 Optional extra modes: ``fast-fp32`` (fast in float32), ``bf16-eager`` (fast without CUDA graphs), ``fast-nchw``
 (fast in NCHW, where the kernels do not apply), ``compile`` (fast plus ``Gen3DiffusionPipeline.compile`` of all
-three networks) and ``compile-mv-unet`` (fast with only the MV UNet compiled: its many small kernels at 32x32 and
-below are where inductor's fusion could pay, while the VAE and 3D U-Net keep the fused kernels). For
+three networks) and ``compile-mv-unet`` (fast with only the MV UNet, the network of the most small kernels,
+compiled; the VAE and 3D U-Net keep the fused kernels). For
 every mode and batch size it prints seconds per object, peak GPU memory and the speed-up over ``reference``, and the
 parity of each mode's Gaussians against the reference ones on the same seed (after the full run and after two
 steps). Then, unless ``--analyse none``: the FLOPs of one step and the fraction of the card's bf16 peak each mode
