@@ -444,8 +444,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{idle['idle_ms_per_step']:.2f} ms (profiler trace of {idle['steps']} steps): "
           f"{idle['long_gap_ms_per_step']:.2f} ms in {idle['long_gaps_per_step']:.1f} gaps of "
           f"{idle['long_gap_us']:g} us or more (waiting for the CPU), the rest in {idle['short_gaps_per_step']:.0f} "
-          "shorter gaps between kernels; "
-          "longest gaps:")
+          "shorter gaps between kernels; longest gaps:")
     for gap, before, after in idle["largest_gaps_us"][:5]:
         print(f"  {gap:.0f} us after {before[:60]} / before {after[:60]}")
     save()

@@ -220,12 +220,12 @@ class Gen3DiffusionPipeline:
         an H100 at full size it has not paid: minutes of compiling, then slower with all three and no faster with the
         MV UNet alone (docs/benchmarks.md). Kept for other cards and versions. Compiled kernels round differently from
         eager ones, within the dtype's precision."""
-        unknown = sorted(set(networks) - set(COMPILABLE_NETWORKS))
-        if unknown:
-            raise ValueError(f"compile: unknown networks {unknown}; choose from {list(COMPILABLE_NETWORKS)}")
-        self.use_channels_last()  # the measured configuration: inductor then keeps convolutions and norms in NHWC
         modules = {"mv_unet": [self.mv_unet], "vae": [self.vae.encoder, self.vae.decoder],
-                   "model_3d": [self.model_3d.unet]}
+                   "model_3d": [self.model_3d.unet]}  # keys: COMPILABLE_NETWORKS
+        unknown = sorted(set(networks) - modules.keys())
+        if unknown:
+            raise ValueError(f"compile: unknown networks {unknown}; choose from {list(modules)}")
+        self.use_channels_last()  # the measured configuration: inductor then keeps convolutions and norms in NHWC
         for name in networks:
             for module in modules[name]:
                 module.compile(mode=mode)

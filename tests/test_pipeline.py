@@ -161,6 +161,17 @@ def test_compile_rejects_unknown_networks(pipe):
         pipe.compile(networks=("mv_unet", "unet"))
 
 
+def compiled_networks(p: Gen3DiffusionPipeline) -> dict[str, bool]:
+    return {name: module._compiled_call_impl is not None for name, module in [
+        ("mv_unet", p.mv_unet), ("vae encoder", p.vae.encoder), ("vae decoder", p.vae.decoder),
+        ("3D U-Net", p.model_3d.unet)]}
+
+
+def test_compile_by_default_wraps_all_three_networks(official_dir):
+    p = Gen3DiffusionPipeline.from_pretrained(official_dir, device="cpu", **official_pipeline_kwargs())
+    assert set(compiled_networks(p.compile()).values()) == {True}  # wrapping only: nothing compiles until a call
+
+
 @pytest.mark.slow
 def test_compiling_only_the_mv_unet_samples_what_eager_does(official_dir):
     """``compile(networks=("mv_unet",))`` compiles that network alone (the VAE and the 3D U-Net stay eager) and the
@@ -168,10 +179,8 @@ def test_compiling_only_the_mv_unet_samples_what_eager_does(official_dir):
     eager, compiled = (Gen3DiffusionPipeline.from_pretrained(official_dir, device="cpu", **official_pipeline_kwargs())
                        for _ in range(2))
     compiled.compile(networks=("mv_unet",))
-    is_compiled = {name: module._compiled_call_impl is not None for name, module in [
-        ("mv_unet", compiled.mv_unet), ("vae encoder", compiled.vae.encoder), ("vae decoder", compiled.vae.decoder),
-        ("3D U-Net", compiled.model_3d.unet)]}
-    assert is_compiled == {"mv_unet": True, "vae encoder": False, "vae decoder": False, "3D U-Net": False}
+    assert compiled_networks(compiled) == {"mv_unet": True, "vae encoder": False, "vae decoder": False,
+                                           "3D U-Net": False}
     for p in (eager, compiled):
         p.progress = False
     expected = eager(images(), seed=3, sampler_cfg=sampler_cfg()).gaussians
