@@ -278,6 +278,14 @@ def test_bad_shapes_raise(name, change):
         model(**dict(inp, **{name: change(inp[name])}))
 
 
+def test_bad_shapes_without_the_prior_name_the_tensor():
+    # every input's shape follows x_t's (without the prior there is no x0_hat to cite)
+    model = tiny_model(in_channels=9, use_prior=False)
+    inp = dict(make_inputs(b=2), x0_hat=None)
+    with pytest.raises(ValueError, match=r"rays must be \[2, 4, 6, 32, 32\] to match x_t \(2, 4, 3, 32, 32\)"):
+        model(**dict(inp, rays=inp["rays"][:, :3]))
+
+
 def test_bad_config_raises():
     with pytest.raises(ValueError, match="up_attention"):
         GaussianDiffusionModel(**tiny_kwargs(up_attention=[True]))

@@ -412,7 +412,7 @@ class GaussianDiffusionModel(ModelMixin, ConfigMixin):
             expected["x0_hat"] = (x0_hat, (b, v, 3, h, w))
         for name, (tensor, shape) in expected.items():
             if tuple(tensor.shape) != shape:
-                raise ValueError(f"{name} must be {list(shape)} to match x0_hat {tuple(x0_hat.shape)}, "
+                raise ValueError(f"{name} must be {list(shape)} to match x_t {tuple(x_t.shape)}, "
                                  f"got {tuple(tensor.shape)}")
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != b):
             raise ValueError(f"t must be [B={b}] or a scalar, got {tuple(t.shape)}")
