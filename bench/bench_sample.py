@@ -5,14 +5,15 @@ vision tower, 3D-GS model 0.42 B; no text encoder: random prompt embeddings stan
 ``--steps`` DDIM steps with CFG 5 and refinement, in two modes:
 
 - ``reference``: the authors' structure: float32, eager, one VAE decode call per tensor (x0~, then x_t), the MV
-  UNet's cross-attention keys and values of the prompt tokens projected at every step, and the 3D U-Net's last
-  layers run for the context view too (``trim_context_view=False``), gsplat tiles of 16;
+  UNet's cross-attention keys and values of the prompt tokens projected at every step, the 3D U-Net run in full for
+  the context view at every step (``trim_context_view=False``), gsplat tiles of 16;
 - ``fast``: the default of ``Gen3DiffusionPipeline.from_pretrained`` on CUDA: bfloat16 weights in channels_last
   with the fused NHWC kernels and sub-pixel upsampling convolutions (``models/kernels.py``), one batched decode of
   x0~ and x_t, those keys and values projected once per call (``MultiViewUNet.project_context``), the 3D U-Net's
-  layers after its last attention on the target views only, colour-only renders with
-  gsplat tiles of 32 (``RenderConfig.tile_size``), and CUDA graphs for the fixed-shape parts of each step
-  (``SamplerConfig.cuda_graphs``).
+  layers before its first attention run for the context view once per call
+  (``GaussianDiffusionModel.encode_context_view``) and those after its last attention on the target views only,
+  colour-only renders with gsplat tiles of 32 (``RenderConfig.tile_size``), and CUDA graphs for the fixed-shape
+  parts of each step (``SamplerConfig.cuda_graphs``).
 
 Optional extra modes: ``fast-fp32`` (fast in float32), ``bf16-eager`` (fast without CUDA graphs), ``fast-nchw``
 (fast in NCHW, where the kernels do not apply), ``compile`` (fast plus ``Gen3DiffusionPipeline.compile`` of all
@@ -91,9 +92,10 @@ KERNEL_KINDS = {
 
 class ReferenceSampler(JointSampler):
     """The authors' structure: x0~ and x_t decoded by two separate VAE calls, the prompt's keys and values of every
-    cross-attention projected at every step."""
+    cross-attention projected at every step, the 3D U-Net run in full for the context view at every step."""
 
     project_context = False
+    cache_context_view = False
 
     def decode_views(self, x0_2d: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
         return self.decode(x0_2d), self.decode(x_t)
@@ -124,7 +126,7 @@ class TimedSampler(JointSampler):
         x0_images, xt_images = self._run("VAE decode x0~ and x_t", self.decode_views, x0_2d, x_t[:, :V])
         (raw,) = self._run("3D model", lambda *a: (self.model_3d.forward_raw(*a),), x0_images.to(self.dtype),
                            xt_images.to(self.dtype), rays.expand(B, -1, -1, -1, -1).to(self.dtype),
-                           t.reshape(1).expand(B), cond.image.to(self.dtype))
+                           t.reshape(1).expand(B), self.context_3d(cond))
         return eps, x0_2d, raw, xt_images
 
     def render(self, raw, cameras):

@@ -214,12 +214,71 @@ def test_trimming_the_context_view_after_the_last_attention_is_exact(up_attentio
         model.unet(x, timesteps, num_views=5, keep_views=6)
 
 
+@pytest.mark.parametrize("down_attention, up_attention", [
+    ((False, False, True, True), (True, True, False)),  # tiny: one of the prefix's skips is read with attention
+    ((True, True, True, True), (True, True, False)),  # the prefix is conv_in and one residual block
+    ((False, False, False, True), (False, False, False)),  # no up block attends
+])
+@pytest.mark.parametrize("batch, channels_last", [(1, False), (2, False), (2, True)])
+def test_cached_context_view_is_exact(down_attention, up_attention, batch, channels_last):
+    # the layers before the first attention are per view, and the context view's input does not change between
+    # steps: its cached activations give the same output as running it with the target views
+    model = tiny_model(down_attention=list(down_attention), up_attention=list(up_attention)).double()
+    inp = {k: v.double() if v.is_floating_point() else v for k, v in make_inputs(b=batch).items()}
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    assert model.can_cache_context_view
+    with torch.no_grad():
+        cache = model.encode_context_view(inp["context"])
+        full = model.forward_raw(**inp)
+        cached = model.forward_raw(**dict(inp, context=cache))
+        other = model.forward_raw(**dict(inp, context=model.encode_context_view(inp["context"].flip(-1))))
+    assert cache.hidden.shape[0] == batch
+    assert cache.hidden.is_contiguous(memory_format=torch.channels_last) == channels_last
+    if down_attention == (False, False, True, True):  # the skip of block 1's downsampler, read by up block 1
+        assert list(cache.skips) == [6]
+    torch.testing.assert_close(cached, full, rtol=0, atol=1e-12)
+    assert (other - full).abs().max() > 1e-6  # the cache is what the context view contributes
+
+
+def test_official_architecture_caches_the_prefix_to_block_3():
+    # LGM big: attention from the 32x32 level (down block 3) on; the 256-channel 32x32 output of block 2's
+    # downsampler (skip 9 of conv_in + 3 per down block) is read by the up block that attends last (512 at 32x32)
+    with torch.device("meta"):
+        model = GaussianDiffusionModel()
+    assert model.unet.first_down_attention == 3
+    assert model.unet.context_skip_indices == [9]
+
+
+def test_cached_context_view_rejects_what_it_cannot_serve():
+    model = tiny_model()
+    inp = make_inputs(b=2)
+    cache = model.encode_context_view(inp["context"])
+    with pytest.raises(ValueError, match="cached context view is for 2 samples, x_t for 1"):
+        model.forward_raw(**{k: v[:1] for k, v in inp.items() if k != "context"}, context=cache)
+    model.trim_context_view = False
+    assert not model.can_cache_context_view
+    with pytest.raises(ValueError, match="trim_context_view"):
+        model.encode_context_view(inp["context"])
+    with pytest.raises(ValueError, match="trim_context_view"):
+        model.forward_raw(**dict(inp, context=cache))
+    no_down_attention = tiny_model(down_attention=[False] * 4)
+    assert not no_down_attention.can_cache_context_view
+    with pytest.raises(ValueError, match="down path"):
+        no_down_attention.encode_context_view(inp["context"])
+
+
 def test_forward_traces_into_one_graph_for_torch_compile():
     # a graph break splits the compiled U-Net into a graph per block, recompiled per block up to dynamo's limit
     model = tiny_model().eval()
     x, timesteps = model.build_input(**make_inputs(b=1))
+    inp = make_inputs(b=1)
     with torch.no_grad():
         explained = torch._dynamo.explain(model.unet)(x, timesteps, num_views=5, keep_views=4)
+        assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+        cache = model.encode_context_view(inp["context"])
+        x, timesteps = model.build_input(**dict(inp, context=None))  # the target views only
+        explained = torch._dynamo.explain(model.unet)(x, timesteps, num_views=5, keep_views=4, context=cache)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
 
 

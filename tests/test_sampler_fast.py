@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from gen3diffusion.config import SamplerConfig
+from gen3diffusion.diffusion.graphs import CUDAGraphs
 from gen3diffusion.pipeline import Gen3DiffusionPipeline
 from tiny_weights import TINY_IMAGE_SIZE, load_script, official_pipeline_kwargs, tiny_model_3d, write_official_folder
 
@@ -70,6 +71,31 @@ def test_reference_mode_separate_decodes_equal_batched_decode(official_dir):
     separate = pipe(x, seed=5, sampler_cfg=cfg())
     assert_same_output(batched, separate, atol=2e-4)  # VAE convolutions round differently per batch size
     assert not torch.equal(batched.gaussians.means, pipe(images(2, 1), seed=5, sampler_cfg=cfg()).gaussians.means)
+
+
+def test_graphs_read_the_conditioning_from_persistent_buffers_in_its_layout(official_dir):
+    """With graphs, ``prepare`` copies every tensor of the conditioning (the cached 3D context view and the projected
+    MVD keys and values included) into buffers that the next call overwrites in place, channels_last kept."""
+    pipe = tiny_pipe(official_dir, "cpu")
+    pipe.use_channels_last()
+    graphs = CUDAGraphs()  # pinning needs no CUDA (replaying does)
+    calls = []
+    for seed in (0, 1):
+        sampler, cond, _ = pipe.prepare(images(1, seed), sampler_cfg=cfg())
+        eager = sampler.prepare(cond)
+        sampler.graphs = graphs
+        calls.append((eager, sampler.prepare(cond)))
+    (_, first), (eager, pinned) = calls
+    assert eager.context_3d.hidden.is_contiguous(memory_format=torch.channels_last)
+
+    def tensors(c):
+        return [c.image, c.mv.camera, c.mv.ip_img, c.context_3d.temb, c.context_3d.hidden,
+                *c.context_3d.skips.values(), *(x for keys_values in c.mv.context.values() for x in keys_values)]
+
+    for a, b, before in zip(tensors(eager), tensors(pinned), tensors(first), strict=True):
+        assert a is not b and torch.equal(a, b) and a.stride() == b.stride()
+        assert b.data_ptr() == before.data_ptr()  # the second call wrote into the first call's buffers
+    assert not torch.equal(tensors(eager)[4], tensors(calls[0][0])[4])  # the two images' caches differ
 
 
 @pytest.mark.gpu

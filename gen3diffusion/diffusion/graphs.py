@@ -52,11 +52,16 @@ class CUDAGraphs:
         self._pool = None
 
     def pin(self, name: str, tensor: Tensor) -> Tensor:
-        """A persistent buffer holding a copy of ``tensor`` (one per name, shape and dtype), for graphs to read."""
-        key = (name, tuple(tensor.shape), tensor.dtype, tensor.device)
+        """A persistent buffer holding a copy of ``tensor`` (one per name, shape, dtype and layout), for graphs to
+        read: channels_last if ``tensor`` is (so an activation's readers take the path they take on the original),
+        else contiguous."""
+        channels_last = tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(
+            memory_format=torch.channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        key = (name, tuple(tensor.shape), layout, tensor.dtype, tensor.device)
         buffer = self._pinned.get(key)
         if buffer is None:
-            buffer = self._pinned[key] = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+            buffer = self._pinned[key] = torch.empty_like(tensor, memory_format=layout)
         return buffer.copy_(tensor)
 
     def run(self, name: Hashable, fn: Callable[..., Tensor | Sequence[Tensor]], *inputs: Tensor) -> tuple[Tensor, ...]:

@@ -20,7 +20,7 @@ ImageDream sampling and only the final pass runs the 3D model. A 3D model traine
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -33,6 +33,7 @@ from ..cameras import Cameras, mvd_camera_vectors, plucker_rays, target_cameras
 from ..config import CameraConfig, RenderConfig, SamplerConfig, SchedulerConfig, to_dict
 from ..gaussians import Gaussians, activate
 from ..models.conditioning import MVConditioning, cfg_batch, combine_cfg, vae_decode, vae_encode
+from ..models.gaussian_unet import ContextViewCache
 from ..render import rasterize
 from .graphs import CUDAGraphs
 
@@ -79,6 +80,9 @@ class Conditioning:
 
     image: Tensor  # [B, 3, H, W] input in [0, 1], composited on white
     mv: MVConditioning  # the MVD's guided conditioning ([uncond ; cond], see models.conditioning)
+    # the 3D model's context view up to its first attention (GaussianDiffusionModel.encode_context_view), set by
+    # JointSampler.prepare when ``cache_context_view``; None: the 3D model runs it from ``image`` at every step
+    context_3d: Optional[ContextViewCache] = None
 
     @property
     def batch_size(self) -> int:
@@ -119,6 +123,9 @@ class JointSampler:
     # compute the MVD's cross-attention keys and values of the prompt and image-prompt tokens once per call
     # (MultiViewUNet.project_context) rather than at every step: the same numbers, less work per step
     project_context = True
+    # run the 3D U-Net's layers before its first attention for the context view (the input image, timestep 0) once
+    # per call (GaussianDiffusionModel.encode_context_view) rather than at every step: the same numbers, less work
+    cache_context_view = True
 
     def __init__(
         self,
@@ -180,7 +187,7 @@ class JointSampler:
         B = x_t.shape[0]
         raw = self.model_3d.forward_raw(
             x0_images.to(self.dtype), xt_images.to(self.dtype), rays.expand(B, -1, -1, -1, -1).to(self.dtype),
-            t.reshape(1).expand(B), cond.image.to(self.dtype),
+            t.reshape(1).expand(B), self.context_3d(cond),
         )  # [B, N, 14]
         return eps, x0_2d, raw, xt_images
 
@@ -191,8 +198,12 @@ class JointSampler:
         B = x_t.shape[0]
         xt_images = self.decode(x_t)  # [B, V, 3, H, W]
         raw = self.model_3d.forward_raw(None, xt_images.to(self.dtype), rays.expand(B, -1, -1, -1, -1).to(self.dtype),
-                                        t.reshape(1).expand(B), cond.image.to(self.dtype))
+                                        t.reshape(1).expand(B), self.context_3d(cond))
         return raw, xt_images
+
+    def context_3d(self, cond: Conditioning) -> Tensor | ContextViewCache:
+        """What the 3D model gets as its context view: the cached activations, else the input image."""
+        return cond.image.to(self.dtype) if cond.context_3d is None else cond.context_3d
 
     def refine_eps(self, rgb: Tensor, noise: Tensor | None, x_t: Tensor, alpha_bar_t: Tensor) -> tuple[Tensor, Tensor]:
         """Renders [B, V, 3, s, s] -> resize to the image size -> VAE-encode: x0^ -> eps^ (Eq. 10) for the V targets.
@@ -297,7 +308,8 @@ class JointSampler:
         """Per-call constants, set as attributes: ``image_size`` (the inputs'), ``render_cameras``, the Plücker maps
         ``rays`` [1, V, 6, H, W], and on the device ``alphas_cumprod`` and ``timestep_tensors`` (0-dim views by
         timestep). Returns the conditioning with the MVD's cross-attention keys and values projected once (when
-        ``project_context``), copied into the graphs' persistent buffers with graphs. ``__call__`` runs this."""
+        ``project_context``) and the 3D model's context view run to its first attention (when
+        ``cache_context_view``), copied into the graphs' persistent buffers with graphs. ``__call__`` runs this."""
         device = cond.image.device
         s, size = self.cfg.render_size, cond.image.shape[-1]
         self.image_size = size
@@ -309,19 +321,25 @@ class JointSampler:
         if self.project_context and self.uses_prior:
             mv = cond.mv
             context = self.mv_unet.project_context(mv.context, mv.ip_tokens)
-            cond = Conditioning(cond.image, replace(mv, context=context, ip_tokens=None))
+            cond = replace(cond, mv=replace(mv, context=context, ip_tokens=None))
+        if self.cache_context_view and getattr(self.model_3d, "can_cache_context_view", False):
+            cond = replace(cond, context_3d=self.model_3d.encode_context_view(cond.image.to(self.dtype)))
         if self.graphs is None:
             return cond
-        mv = replace(cond.mv, **{f.name: self._pin(f"mv.{f.name}", getattr(cond.mv, f.name)) for f in fields(cond.mv)})
-        return Conditioning(self.graphs.pin("image", cond.image), mv)
+        return self._pin("cond", cond)
 
     def _pin(self, name: str, value: Any) -> Any:
-        """``value`` with every tensor in it (alone, or in a projected context's tuples) copied by ``graphs.pin``."""
+        """``value`` with every tensor in it (alone, or in the dataclasses, dicts and tuples of the conditioning)
+        copied by ``graphs.pin``."""
         if isinstance(value, Tensor):
             return self.graphs.pin(name, value)
-        if isinstance(value, dict):
-            return {key: tuple(self.graphs.pin(f"{name}.{i}.{j}", x) for j, x in enumerate(keys_values))
-                    for i, (key, keys_values) in enumerate(value.items())}
+        if is_dataclass(value):
+            return replace(value, **{f.name: self._pin(f"{name}.{f.name}", getattr(value, f.name))
+                                     for f in fields(value)})
+        if isinstance(value, dict):  # named by position: the keys (modules of a projected context) may print alike
+            return {key: self._pin(f"{name}.{i}", x) for i, (key, x) in enumerate(value.items())}
+        if isinstance(value, tuple):
+            return tuple(self._pin(f"{name}.{i}", x) for i, x in enumerate(value))
         return value
 
     def _run(self, name: str, fn: Callable[..., tuple[Tensor, ...]], *args) -> tuple[Tensor, ...]:

@@ -143,10 +143,14 @@ class DownBlock(nn.Module):
         self.attns = nn.ModuleList(MultiViewAttention(cout, heads, groups) for _ in range(layers) if attention)
         self.downsample = nn.Conv2d(cout, cout, 3, stride=2, padding=1) if downsample else None
 
-    def forward(self, x: Tensor, temb: Tensor, num_views: int) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, x: Tensor, temb: Tensor, num_views: int,
+                first_net_done: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """``first_net_done``: ``x`` is already the first residual block's output (the per-view prefix of
+        :meth:`GaussianUNet.encode_context_view` ends there); the block goes on from its first attention."""
         skips = []
         for i, net in enumerate(self.nets):
-            x = net(x, temb)
+            if i > 0 or not first_net_done:
+                x = net(x, temb)
             if self.attns:
                 x = self.attns[i](x, num_views)
             skips.append(x)
@@ -180,6 +184,35 @@ def first_views(x: Tensor, num_views: int, keep: int) -> Tensor:
     if x.shape[0] == num_views:  # one sample: a view, no copy
         return x[:keep]
     return torch.cat([x[i:i + keep] for i in range(0, x.shape[0], num_views)])
+
+
+def append_view(x: Tensor, view: Tensor) -> Tensor:
+    """Append one view to each sample: ``x`` [B*F, ...] and ``view`` [B, ...] -> [B*(F+1), ...], ``view``'s sample b
+    last among sample b's views. Keeps ``x``'s memory format, as :func:`first_views` does (a concatenation of
+    channels_last and contiguous tensors would be contiguous)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        view = view.contiguous(memory_format=torch.channels_last)
+    b = view.shape[0]
+    f = x.shape[0] // b
+    return torch.cat([piece for i in range(b) for piece in (x[i * f:(i + 1) * f], view[i:i + 1])])
+
+
+@dataclass
+class ContextViewCache:
+    """The context view's activations where the U-Net's per-view prefix ends (:meth:`GaussianUNet.encode_context_view`).
+
+    Every layer before the first attention works on each view alone, and the context view's input (the clean image,
+    zero rays, timestep 0) is the same at every sampling step; so the sampler computes its part of those layers once
+    per call and the U-Net runs them on the target views only.
+    """
+
+    temb: Tensor  # [B, D] the context view's time embedding (timestep 0)
+    hidden: Tensor  # [B, C, h, w] its input to the first attention layer
+    skips: dict[int, Tensor]  # skip index -> [B, C_i, h_i, w_i]: the prefix skips that layers with attention read
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden.shape[0]
 
 
 class UpBlock(nn.Module):
@@ -271,6 +304,13 @@ class GaussianUNet(nn.Module):
         # 2.11 cannot trace max(..., default=) and would break the forward's graph into one per block
         attending = [i for i, attn in enumerate(up_attention) if attn]
         self.last_up_attention = attending[-1] if attending else -1
+        # the per-view prefix (encode_context_view) ends at the first down block with attention (-1: none has);
+        # of the skips it makes, those that up blocks with attention read need every view
+        self.first_down_attention = next((i for i, attn in enumerate(down_attention) if attn), -1)
+        num_skips = 1 + sum(len(block.nets) + (block.downsample is not None) for block in self.down_blocks)
+        prefix_skips = 1 + (layers_per_block + 1) * max(self.first_down_attention, 0)
+        attending_skips = range(num_skips - (self.last_up_attention + 1) * up_layers_per_block, num_skips)
+        self.context_skip_indices = [i for i in attending_skips if i < prefix_skips]
         # output grid size / input size
         self.output_scale = 2.0 ** (len(up_channels) - len(down_channels))
         self.input_multiple = 2 ** (len(down_channels) - 1)
@@ -280,23 +320,61 @@ class GaussianUNet(nn.Module):
             return self._gradient_checkpointing_func(block, *args)
         return block(*args)
 
-    def forward(self, x: Tensor, timesteps: Tensor, num_views: int, keep_views: int | None = None) -> Tensor:
+    def _time_embedding(self, timesteps: Tensor) -> Tensor:
+        feats = timestep_features(timesteps, self.time_freq_dim).to(self.time_embedding.linear_1.weight.dtype)
+        return self.time_embedding(feats)  # [N, D]
+
+    def _prefix(self, x: Tensor, temb: Tensor, num_views: int) -> tuple[Tensor, list[Tensor]]:
+        """The per-view layers before the first attention: ``conv_in``, the down blocks without attention and the
+        first residual block of the first one with (every down block if none has). Returns the output and the skips."""
+        x = self.conv_in(x)
+        skips = [x]
+        k = self.first_down_attention
+        for block in self.down_blocks[:k if k >= 0 else None]:
+            x, block_skips = self._run(block, x, temb, num_views)
+            skips += block_skips
+        if k >= 0:
+            x = self._run(self.down_blocks[k].nets[0], x, temb)
+        return x, skips
+
+    def encode_context_view(self, x: Tensor, timesteps: Tensor) -> ContextViewCache:
+        """The per-view prefix (:meth:`_prefix`) of one view per sample, ``x`` [B, Cin, H, W] at ``timesteps`` [B],
+        kept for :meth:`forward`'s ``context``: the sampler's context view, the same at every step."""
+        if self.first_down_attention < 0:
+            raise ValueError("this U-Net has no attention in its down path, so no per-view prefix to cache")
+        temb = self._time_embedding(timesteps)  # [B, D]
+        hidden, skips = self._prefix(x, temb, 1)
+        return ContextViewCache(temb, hidden, {i: skips[i] for i in self.context_skip_indices})
+
+    def forward(self, x: Tensor, timesteps: Tensor, num_views: int, keep_views: int | None = None,
+                context: ContextViewCache | None = None) -> Tensor:
         """``x`` [B*F, Cin, H, W] (F views per sample, consecutive), ``timesteps`` [B*F] -> [B*K, Cout, S, S].
 
         ``keep_views`` = K <= F: only the first K views of each sample are wanted. The others still take part in
         every attention layer, but the layers after the last one (per-view convolutions and norms, most of the
         up path's work) run on the K views alone; the output is the same as slicing the full one. Default: all F.
+
+        ``context``: the last view of each sample, run through the per-view prefix by :meth:`encode_context_view`.
+        Then ``x`` and ``timesteps`` hold the first F - 1 views of each sample only, K <= F - 1, and the output is the
+        same as with the last view in ``x``.
         """
-        keep = num_views if keep_views is None else keep_views
-        if not 0 < keep <= num_views:
-            raise ValueError(f"keep_views must be in 1..{num_views} (num_views), got {keep_views}")
-        feats = timestep_features(timesteps, self.time_freq_dim).to(self.time_embedding.linear_1.weight.dtype)
-        temb = self.time_embedding(feats)  # [B*F, D]
-        x = self.conv_in(x)
-        skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = self._run(block, x, temb, num_views)
-            skips += block_skips
+        views_in = num_views - (context is not None)  # views per sample in x
+        keep = views_in if keep_views is None else keep_views
+        if not 0 < keep <= views_in:
+            raise ValueError(f"keep_views must be in 1..{views_in} (the views per sample in x), got {keep_views}")
+        temb = self._time_embedding(timesteps)  # [B*F', D]
+        x, skips = self._prefix(x, temb, views_in)
+        if context is not None:
+            temb = append_view(temb, context.temb)  # [B*F, D]
+            x = append_view(x, context.hidden)
+            for i, view in context.skips.items():
+                skips[i] = append_view(skips[i], view)
+        k = self.first_down_attention
+        if k >= 0:
+            for i, block in enumerate(self.down_blocks[k:]):
+                x, block_skips = self._run(block, x, temb, num_views, i == 0)
+                skips += block_skips
+        b = x.shape[0] // num_views  # samples
         x = self._run(self.mid_block, x, temb, num_views)
         last_attention = self.last_up_attention
         temb_kept = first_views(temb, num_views, keep)  # [B*K, D]
@@ -309,8 +387,8 @@ class GaussianUNet(nn.Module):
                 x = self._run(block, x, block_skips, temb, num_views)
             elif i == last_attention:
                 x = self._run(block, x, block_skips, temb, num_views, keep)
-            else:
-                block_skips = [first_views(skip, num_views, keep) for skip in block_skips]
+            else:  # per view: the kept views of each skip (the prefix's skips may lack the context view)
+                block_skips = [first_views(skip, skip.shape[0] // b, keep) for skip in block_skips]
                 x = self._run(block, x, block_skips, temb_kept, keep)
         return self.conv_out(self.norm_out(x))
 
@@ -398,7 +476,14 @@ class GaussianDiffusionModel(ModelMixin, ConfigMixin):
         channels = [(rgb[..., c, :, :] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))]
         return torch.stack(channels, dim=-3)
 
-    def _check_inputs(self, x0_hat: Tensor | None, x_t: Tensor, rays: Tensor, t: Tensor, context: Tensor) -> None:
+    @property
+    def can_cache_context_view(self) -> bool:
+        """Whether :meth:`encode_context_view` applies: the U-Net has attention in its down path, and the context
+        view's output is trimmed (the cache holds it only up to the first attention)."""
+        return self.trim_context_view and self.unet.first_down_attention >= 0
+
+    def _check_inputs(self, x0_hat: Tensor | None, x_t: Tensor, rays: Tensor, t: Tensor,
+                      context: Tensor | ContextViewCache) -> None:
         if (x0_hat is None) == self.config.use_prior:
             raise ValueError("x0_hat is required with use_prior=True and must be None with use_prior=False")
         if x_t.ndim != 5 or x_t.shape[2] != 3:
@@ -407,7 +492,12 @@ class GaussianDiffusionModel(ModelMixin, ConfigMixin):
         size = self.config.input_size
         if (h, w) != (size, size):
             raise ValueError(f"views must be {size}x{size} (input_size), got {h}x{w}")
-        expected = {"rays": (rays, (b, v, 6, h, w)), "context": (context, (b, 3, h, w))}
+        expected = {"rays": (rays, (b, v, 6, h, w))}
+        if isinstance(context, ContextViewCache):
+            if context.batch_size != b:
+                raise ValueError(f"the cached context view is for {context.batch_size} samples, x_t for {b}")
+        else:
+            expected["context"] = (context, (b, 3, h, w))
         if x0_hat is not None:
             expected["x0_hat"] = (x0_hat, (b, v, 3, h, w))
         for name, (tensor, shape) in expected.items():
@@ -417,29 +507,56 @@ class GaussianDiffusionModel(ModelMixin, ConfigMixin):
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != b):
             raise ValueError(f"t must be [B={b}] or a scalar, got {tuple(t.shape)}")
 
+    def _context_input(self, context: Tensor) -> Tensor:
+        """The context view's U-Net input [B, 12, H, W]: the clean image in both RGB slots, zero rays (9 channels
+        [image | zero rays] without the prior)."""
+        ctx = self._normalize_rgb(context)  # [B, 3, H, W]
+        slots = 2 if self.config.use_prior else 1
+        return torch.cat([ctx] * slots + [ctx.new_zeros(ctx.shape[0], 6, *ctx.shape[2:])], dim=1)
+
     def build_input(self, x0_hat: Tensor | None, x_t: Tensor, rays: Tensor, t: Tensor,
-                    context: Tensor) -> tuple[Tensor, Tensor]:
+                    context: Tensor | None) -> tuple[Tensor, Tensor]:
         """The U-Net input: V target views plus the context view last, and one timestep per view (context: 0).
 
-        Returns ``x`` [B*(V+1), 12, H, W] and ``timesteps`` [B*(V+1)] (float).
+        Returns ``x`` [B*(V+1), 12, H, W] and ``timesteps`` [B*(V+1)] (float); with ``context=None`` the target views
+        only, [B*V, 12, H, W] and [B*V] (the context view then comes from :meth:`encode_context_view`).
         """
-        self._check_inputs(x0_hat, x_t, rays, t, context)
         b, v = x_t.shape[:2]
         rgb = [x_t] if x0_hat is None else [x0_hat, x_t]
         views = torch.cat([*map(self._normalize_rgb, rgb), rays], dim=2)  # [B, V, 12 (9 without prior), H, W]
-        ctx = self._normalize_rgb(context)  # [B, 3, H, W]
-        ctx_view = torch.cat([ctx] * len(rgb) + [torch.zeros_like(rays[:, 0])], dim=1)[:, None]  # [B, 1, C, H, W]
-        x = torch.cat([views, ctx_view.to(views.dtype)], dim=1).flatten(0, 1)  # [B*(V+1), 12, H, W]
-        t = t.to(device=x.device, dtype=torch.float32).expand(b)
-        timesteps = torch.cat([t[:, None].expand(b, v), t.new_zeros(b, 1)], dim=1).flatten()  # [B*(V+1)]
-        return x, timesteps
+        t = t.to(device=views.device, dtype=torch.float32).expand(b)
+        timesteps = t[:, None].expand(b, v)  # [B, V]
+        if context is not None:
+            views = torch.cat([views, self._context_input(context).to(views.dtype)[:, None]], dim=1)  # [B, V+1, ...]
+            timesteps = torch.cat([timesteps, t.new_zeros(b, 1)], dim=1)
+        return views.flatten(0, 1), timesteps.flatten()
 
-    def forward_raw(self, x0_hat: Tensor | None, x_t: Tensor, rays: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        """The 14 raw (pre-activation) channels of the target views' Gaussians, [B, V*S*S, 14] in float32."""
+    def encode_context_view(self, context: Tensor) -> ContextViewCache:
+        """The context view's activations up to the U-Net's first attention, for :meth:`forward_raw` in place of
+        ``context`` [B, 3, H, W] in [0, 1]: they depend on the image alone (timestep 0), so a sampling call computes
+        them once rather than at every step (:attr:`can_cache_context_view`)."""
+        if not self.can_cache_context_view:
+            raise ValueError("the context view can be cached only with trim_context_view and attention in the "
+                             "U-Net's down path")
+        x = self._context_input(context).to(self.dtype)  # [B, 12, H, W]
+        return self.unet.encode_context_view(x, x.new_zeros(x.shape[0], dtype=torch.float32))
+
+    def forward_raw(self, x0_hat: Tensor | None, x_t: Tensor, rays: Tensor, t: Tensor,
+                    context: Tensor | ContextViewCache) -> Tensor:
+        """The 14 raw (pre-activation) channels of the target views' Gaussians, [B, V*S*S, 14] in float32.
+        ``context``: the input image, or its cached activations (:meth:`encode_context_view`)."""
+        self._check_inputs(x0_hat, x_t, rays, t, context)
         b, v = x_t.shape[:2]
-        x, timesteps = self.build_input(x0_hat, x_t, rays, t, context)
         keep = v if self.trim_context_view else v + 1
-        out = self.conv(self.unet(x.to(self.dtype), timesteps, num_views=v + 1, keep_views=keep))  # [B*K, 14, S, S]
+        if isinstance(context, ContextViewCache):
+            if not self.trim_context_view:
+                raise ValueError("a cached context view needs trim_context_view (its output is not computed)")
+            x, timesteps = self.build_input(x0_hat, x_t, rays, t, None)  # [B*V, 12, H, W]
+            out = self.unet(x.to(self.dtype), timesteps, num_views=v + 1, keep_views=keep, context=context)
+        else:
+            x, timesteps = self.build_input(x0_hat, x_t, rays, t, context)  # [B*(V+1), 12, H, W]
+            out = self.unet(x.to(self.dtype), timesteps, num_views=v + 1, keep_views=keep)
+        out = self.conv(out)  # [B*K, 14, S, S]
         s = out.shape[-1]
         out = out.view(b, keep, out.shape[1], s, s)[:, :v]  # without the context view: [B, V, 14, S, S]
         return out.permute(0, 1, 3, 4, 2).reshape(b, v * s * s, out.shape[2]).float()  # [B, V*S*S, 14]
@@ -448,7 +565,7 @@ class GaussianDiffusionModel(ModelMixin, ConfigMixin):
                 x_t: Tensor,            # [B, V, 3, H, W] decoded noisy views in [0, 1]
                 rays: Tensor,           # [B, V, 6, H, W] Plücker maps of the V target cameras
                 t: Tensor,              # [B] timesteps (the context view always gets 0)
-                context: Tensor,        # [B, 3, H, W] clean input image in [0, 1]
+                context: Tensor | ContextViewCache,  # [B, 3, H, W] clean input image in [0, 1], or its cache
                 ) -> Gaussians:
         """Predict the V * S * S Gaussians of the target views (float32)."""
         return activate(self.forward_raw(x0_hat, x_t, rays, t, context))
