@@ -21,6 +21,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from _timing import time_us
 from gen3diffusion.models import kernels
 from gen3diffusion.models.kernels import triton_group_norm
 
@@ -35,26 +36,6 @@ SHAPES = [
     ("MV UNet 32^2 x 320", 10, 320, 32, 32),
     ("MV UNet 8^2 x 1280", 10, 1280, 8, 8),
 ]
-
-
-def time_us(fn, iters: int) -> float:
-    """Mean microseconds per call over ``iters`` replays of a CUDA graph of ``fn``."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn(), fn()  # compile / choose kernels outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / iters
 
 
 # kernels.py's launch constants and the values --sweep tries

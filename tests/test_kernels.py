@@ -1,5 +1,6 @@
 """The fused channels_last kernels (GroupNorm + SiLU + shift, the residual epilogue, the sub-pixel upsampling conv and
-its interleaving pass, GEGLU) against PyTorch's ops, and the switch of diffusers' VAE blocks to them.
+its interleaving pass, GEGLU, the im2col GEMM conv) against PyTorch's ops, and the switch of diffusers' VAE blocks to
+them.
 
 CPU: the module and the VAE swap leave every output and state-dict key as before; the kernels themselves run in
 Triton's interpreter (a subprocess with ``TRITON_INTERPRET=1``, float32 on the CPU), including group widths that are
@@ -20,11 +21,14 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.models.resnet import ResnetBlock2D
 
+from gen3diffusion.models import kernels
 from gen3diffusion.models.kernels import (
     GroupNorm,
     _cached_subpixel_weight,
+    conv_without_bias,
     fuse_vae_blocks,
     geglu,
+    gemm_conv,
     group_norm,
     residual_add,
     subpixel_upsample_conv,
@@ -105,12 +109,12 @@ def test_subpixel_weight_cache_follows_the_weight():
 
 
 def test_kernels_in_triton_interpreter():
-    """The three kernels, run by Triton's interpreter on the CPU, against float64 F.group_norm."""
+    """The kernels, run by Triton's interpreter on the CPU, against float64 references (F.group_norm, F.conv2d)."""
     pytest.importorskip("triton")
     script = textwrap.dedent(f"""
         import torch, torch.nn.functional as F
-        from gen3diffusion.models.kernels import (triton_geglu, triton_group_norm, triton_residual_add,
-                                                  triton_subpixel_interleave)
+        from gen3diffusion.models.kernels import (gemm_conv, triton_geglu, triton_group_norm, triton_im2col,
+                                                  triton_residual_add, triton_subpixel_interleave)
         torch.manual_seed(0)
         for N, C, H, W, G, offset in {SHAPES!r}:
             x = (torch.randn(N, C, H, W) * 2 + offset).to(memory_format=torch.channels_last)
@@ -153,6 +157,17 @@ def test_kernels_in_triton_interpreter():
                     ref[:, :, a::2, b::2] = y[:, k * co:(k + 1) * co, a:a + hh, b:b + ww]
             ref = ref + (bias[:, None, None] if with_bias else 0)
             assert (out - ref).abs().max().item() < 1e-6, (n, co, hh, ww)
+        for n, ci, co, hh, ww in ((2, 20, 12, 4, 4), (1, 130, 7, 3, 5), (3, 8, 5, 1, 1), (1, 4, 3, 17, 2)):
+            x = torch.randn(n, ci, hh, ww).to(memory_format=torch.channels_last)
+            padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # [N, H+2, W+2, C]
+            ref = torch.cat([padded[:, t // 3:t // 3 + hh, t % 3:t % 3 + ww] for t in range(9)], dim=-1)
+            assert torch.equal(triton_im2col(x), ref.reshape(n * hh * ww, 9 * ci)), (n, ci, hh, ww)
+            for k in (1, 3):
+                weight = torch.randn(co, ci, k, k).to(memory_format=torch.channels_last)
+                out = gemm_conv(x, weight)
+                assert out.shape == (n, co, hh, ww) and out.is_contiguous(memory_format=torch.channels_last)
+                ref = F.conv2d(x.double(), weight.double(), padding=k // 2)
+                assert (out.double() - ref).abs().max().item() < 1e-4, (n, ci, co, hh, ww, k)
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -210,6 +225,29 @@ def test_upsample_conv_bf16_on_gpu(shape):
     assert getattr(conv, "_subpixel_cache", None) is not None  # the sub-pixel path ran
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
     assert (out.double() - ref).norm() / ref.norm() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(10, 1280, 1280, 4, 4, 3), (10, 2560, 1280, 4, 4, 1), (5, 2048, 1024, 8, 8, 3),
+                                   (3, 20, 12, 5, 7, 3)])
+def test_gemm_conv_bf16_on_gpu(shape, monkeypatch):
+    """The im2col GEMM conv (bf16, channels_last, CUDA) against float64 F.conv2d: no worse than cuDNN's bf16 conv;
+    and ``conv_without_bias`` takes it up to GEMM_CONV_MAX_PIXELS output pixels, cuDNN above."""
+    n, ci, co, h, w, k = shape
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(ci, co, k, padding=k // 2).cuda().to(torch.bfloat16, memory_format=torch.channels_last)
+    x = torch.randn(n, ci, h, w, device="cuda").to(torch.bfloat16, memory_format=torch.channels_last)
+    ref = F.conv2d(x.double(), conv.weight.double(), padding=k // 2)
+    with torch.no_grad():
+        out = gemm_conv(x, conv.weight)
+        cudnn = F.conv2d(x, conv.weight, padding=k // 2)
+        monkeypatch.setattr(kernels, "GEMM_CONV_MAX_PIXELS", n * h * w)
+        assert torch.equal(conv_without_bias(conv, x), out)
+        monkeypatch.setattr(kernels, "GEMM_CONV_MAX_PIXELS", n * h * w - 1)
+        assert torch.equal(conv_without_bias(conv, x), cudnn)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    err, cudnn_err = ((y.double() - ref).norm() / ref.norm() for y in (out, cudnn))
+    assert err <= 2 * cudnn_err + 1e-4, (err, cudnn_err)
 
 
 @pytest.mark.gpu

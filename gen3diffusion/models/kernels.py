@@ -39,15 +39,19 @@ try:
 except ImportError:  # CPU-only installs: the reference path is used
     triton = None
 
-__all__ = ["GroupNorm", "conv_without_bias", "fuse_vae_blocks", "geglu", "group_norm", "residual_add",
+__all__ = ["GroupNorm", "conv_without_bias", "fuse_vae_blocks", "geglu", "gemm_conv", "group_norm", "residual_add",
            "shortcut_without_bias", "subpixel_upsample_conv", "subpixel_weight", "triton_geglu", "triton_group_norm",
-           "triton_residual_add", "triton_subpixel_interleave", "upsample_conv"]
+           "triton_im2col", "triton_residual_add", "triton_subpixel_interleave", "upsample_conv"]
 
 _STATS_BLOCK_R, _STATS_WARPS = 128, 4  # statistics: pixels per loop step of a program, warps per program
 _TARGET_PROGRAMS = 1024  # statistics programs per call: enough to fill the GPU, few partials to merge
 _NORM_BLOCK_R, _NORM_WARPS = 64, 4  # normalisation: pixels per program, warps per program
 _BLOCK_FLAT = 2048  # elements per program of the residual kernel
-_BLOCK_ROWS, _BLOCK_COLS = 16, 128  # rows x channels per program of the GEGLU and interleave kernels
+_BLOCK_ROWS, _BLOCK_COLS = 16, 128  # rows x channels per program of the GEGLU, interleave and im2col kernels
+# a residual block's convolutions with at most this many output pixels (the whole batch's) run as one GEMM over
+# im2col columns (:func:`gemm_conv`) where the kernels apply; 0: never. At the U-Nets' deepest levels (10 frames of
+# 4x4 or 8x8) cuDNN's implicit GEMM makes too few output tiles to keep the GPU busy while it streams the weights
+GEMM_CONV_MAX_PIXELS = 640
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
@@ -83,8 +87,24 @@ def geglu(h: Tensor) -> Tensor:
 
 
 def conv_without_bias(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """``conv(x)`` minus its bias, which the caller folds into the next :func:`group_norm` or :func:`residual_add`."""
+    """``conv(x)`` minus its bias, which the caller folds into the next :func:`group_norm` or :func:`residual_add`.
+    On few pixels (:data:`GEMM_CONV_MAX_PIXELS`) a 1x1 or 3x3 conv runs as :func:`gemm_conv` where the kernels apply."""
+    if (x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] <= GEMM_CONV_MAX_PIXELS and _is_same_size_conv(conv)
+            and _use_kernel(x, conv.weight)):
+        return gemm_conv(x, conv.weight)
     return conv._conv_forward(x, conv.weight, None)
+
+
+def gemm_conv(x: Tensor, weight: Tensor) -> Tensor:
+    """A stride-1 conv with zero padding that keeps the size (1x1 or 3x3, no bias) of a channels_last ``x``
+    [N, Ci, H, W] as one matrix product: [N*H*W, 9 Ci] im2col columns (:func:`triton_im2col`; for 1x1, ``x`` itself)
+    times the weight [Co, Ci, k, k] read as [Co, k*k*Ci]. Returns [N, Co, H, W] in channels_last memory."""
+    n, ci, h, w = x.shape
+    co, k = weight.shape[0], weight.shape[-1]
+    pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, ci)  # channels_last: a view
+    cols = pixels if k == 1 else triton_im2col(x)  # [N*H*W, k*k*Ci], tap-major
+    out = cols @ weight.permute(0, 2, 3, 1).reshape(co, k * k * ci).t()  # [N*H*W, Co]
+    return out.view(n, h, w, co).permute(0, 3, 1, 2)
 
 
 def shortcut_without_bias(shortcut: nn.Module, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,6 +165,13 @@ def subpixel_upsample_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Te
     else:
         torch.add(phases, bias.to(y.dtype), out=out)
     return out.view(n, 2 * h, 2 * w, co).permute(0, 3, 1, 2)  # [N, Co, 2H, 2W], channels_last
+
+
+def _is_same_size_conv(conv: nn.Conv2d) -> bool:
+    """A 1x1 or 3x3 convolution with stride 1 and zero padding that keeps the size, one group."""
+    k = conv.kernel_size
+    return (k in ((1, 1), (3, 3)) and conv.stride == (1, 1) and conv.padding == (k[0] // 2, k[1] // 2)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
 def _is_upsample_3x3(conv: nn.Conv2d) -> bool:
@@ -352,6 +379,20 @@ def triton_subpixel_interleave(y: Tensor, bias: Tensor | None) -> Tensor:
     return out
 
 
+def triton_im2col(x: Tensor) -> Tensor:
+    """The columns of a 3x3 conv with padding 1 of a channels_last ``x`` [N, C, H, W] by one Triton pass:
+    [N*H*W, 9 C], row (n, i, j), column t*C + c = x[n, c, i + t // 3 - 1, j + t % 3 - 1] (0 outside the image)."""
+    if triton is None:
+        raise RuntimeError("triton_im2col needs the triton package")
+    if not _channels_last(x) or x.dim() != 4:
+        raise ValueError(f"x must be channels_last [N, C, H, W], got {tuple(x.shape)} {x.stride()}")
+    n, c, h, w = x.shape
+    cols = torch.empty((n * h * w, 9 * c), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n * h * w, _BLOCK_ROWS), 9, triton.cdiv(c, _BLOCK_COLS))
+    _im2col_kernel[grid](x, cols, n * h * w, h, w, c, BLOCK_P=_BLOCK_ROWS, BLOCK_C=_BLOCK_COLS)
+    return cols
+
+
 if triton is not None:
 
     @triton.jit
@@ -482,3 +523,19 @@ if triton is not None:
             x = x.to(tl.float32) + tl.load(bias_ptr + c, mask=c < Co, other=0.0).to(tl.float32)[None, :]
         dst = (row.to(tl.int64) * (2 * W) + p)[:, None] * Co + c[None, :]
         tl.store(out_ptr + dst, x.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _im2col_kernel(x_ptr, cols_ptr, P, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """cols[p, t C + c] = x[n, i + dy, j + dx, c] (0 outside) for pixels p = (n, i, j), tap t = 3 (dy + 1) + dx + 1."""
+        pb, t, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        i = (p // W) % H + t // 3 - 1
+        j = p % W + t % 3 - 1
+        p_ok = p < P
+        inside = p_ok & (i >= 0) & (i < H) & (j >= 0) & (j < W)
+        c_ok = c < C
+        src = (p + (t // 3 - 1) * W + (t % 3 - 1)).to(tl.int64)[:, None] * C + c[None, :]  # pixel (n, i, j) of x
+        v = tl.load(x_ptr + src, mask=inside[:, None] & c_ok[None, :], other=0.0)
+        dst = p.to(tl.int64)[:, None] * (9 * C) + (t * C + c)[None, :]
+        tl.store(cols_ptr + dst, v, mask=p_ok[:, None] & c_ok[None, :])
