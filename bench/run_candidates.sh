@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
-# Device run for the candidates of branch perf/step-candidates (bench/CANDIDATES.md):
+# Device run for the candidates of branch perf/step-candidates (bench/CANDIDATES.md), in order of what decides:
 #   source .device/env.sh && bash bench/run_candidates.sh
+# Logs under $OUT; about 8-9 minutes on an H100 (the last run is skipped when less than 2 minutes of the 10 are left).
 set -u
 nvidia-smi --query-gpu=name,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python bench/bench_conv.py > "$OUT/bench_conv.log" 2>&1
 python bench/probe_candidates.py "$OUT/probe.json" > "$OUT/probe.log" 2>&1
-# the official benchmark with the best configuration of the probe
-python - > "$OUT/bench_sample.log" 2>&1 <<PY
+python -m pytest -m gpu -q -rs > "$OUT/gpu_tests.log" 2>&1
+
+# bench_sample.py with the probe's best configuration of the three switches
+with_best() {
+  python - "$@" <<PY
 import json, runpy, sys
 from gen3diffusion.diffusion.sampler import JointSampler
 from gen3diffusion.models import kernels, mv_unet
 best = json.load(open("$OUT/probe.json"))["best_config"]
-print("best configuration of the probe:", best, flush=True)
+print("the probe's best configuration:", best, flush=True)
 JointSampler.cache_context_view = best["cache"]
 mv_unet.EFFICIENT_ATTENTION_MAX_KEYS = best["eff"]
 kernels.GEMM_CONV_MAX_PIXELS = best["gemm"]
-sys.argv = ["bench/bench_sample.py", "--modes", "reference", "fast", "--batch-sizes", "1", "--iters", "3",
-            "--analyse", "fast", "--json", "$OUT/bench_sample.json"]
+sys.argv = ["bench/bench_sample.py", *sys.argv[1:]]
 runpy.run_path("bench/bench_sample.py", run_name="__main__")
 PY
-python -m pytest -m gpu -q -rs > "$OUT/gpu_tests.log" 2>&1
+}
+with_best --modes reference fast --batch-sizes 1 --iters 3 --analyse fast --json "$OUT/bench_sample.json" \
+  > "$OUT/bench_sample.log" 2>&1
+if [ "$SECONDS" -lt 480 ]; then
+  with_best --modes fast --batch-sizes 1 --iters 3 --analyse none --gaussian-size trained \
+    > "$OUT/bench_sample_trained.log" 2>&1
+fi
 tail -3 "$OUT"/*.log
