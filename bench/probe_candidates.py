@@ -24,12 +24,14 @@ pipe, _ = bs.setup("fast", device)
 images = torch.rand(1, 3, 256, 256, device=device, generator=torch.Generator(device).manual_seed(1))
 cfg = SamplerConfig(cuda_graphs=True)
 NoCache = type("NoCache", (JointSampler,), {"cache_context_view": False})
-ALL = dict(cache=True, eff=128, gemm=640)
-CONFIGS = {  # name -> the three switches: cached 3D context view, efficient-attention key limit, GEMM-conv pixels
-    "main": dict(cache=False, eff=0, gemm=0),
-    "all (cache, eff 128, gemm 640)": ALL,
+ALL = dict(cache=True, eff=128, gemm=640, split=True)
+CONFIGS = {  # name -> the switches: cached 3D context view, efficient-attention key limit, GEMM-conv pixels, the up
+    # path's concatenation read in parts
+    "main": dict(cache=False, eff=0, gemm=0, split=False),
+    "all (cache, eff 128, gemm 640, split)": ALL,
     "all - cache": dict(ALL, cache=False),
     "all - eff": dict(ALL, eff=0),
+    "all - split": dict(ALL, split=False),
     "all, gemm 0": dict(ALL, gemm=0),
     "all, gemm 320": dict(ALL, gemm=320),
     "all, gemm 1280": dict(ALL, gemm=1280),
@@ -41,6 +43,7 @@ def switch(c, sampler_cls=None):
     pipe.sampler_cls = sampler_cls or (JointSampler if c["cache"] else NoCache)
     mv_unet_module.EFFICIENT_ATTENTION_MAX_KEYS = c["eff"]
     kernels.GEMM_CONV_MAX_PIXELS = c["gemm"]
+    kernels.SPLIT_CONCAT = c["split"]
     pipe.graphs.clear()
 
 

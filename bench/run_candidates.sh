@@ -8,7 +8,7 @@ python bench/bench_conv.py > "$OUT/bench_conv.log" 2>&1
 python bench/probe_candidates.py "$OUT/probe.json" > "$OUT/probe.log" 2>&1
 python -m pytest -m gpu -q -rs > "$OUT/gpu_tests.log" 2>&1
 
-# bench_sample.py with the probe's best configuration of the three switches
+# bench_sample.py with the probe's best configuration of the switches
 with_best() {
   python - "$@" <<PY
 import json, runpy, sys
@@ -19,6 +19,7 @@ print("the probe's best configuration:", best, flush=True)
 JointSampler.cache_context_view = best["cache"]
 mv_unet.EFFICIENT_ATTENTION_MAX_KEYS = best["eff"]
 kernels.GEMM_CONV_MAX_PIXELS = best["gemm"]
+kernels.SPLIT_CONCAT = best["split"]
 sys.argv = ["bench/bench_sample.py", *sys.argv[1:]]
 runpy.run_path("bench/bench_sample.py", run_name="__main__")
 PY

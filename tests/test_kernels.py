@@ -113,8 +113,8 @@ def test_kernels_in_triton_interpreter():
     pytest.importorskip("triton")
     script = textwrap.dedent(f"""
         import torch, torch.nn.functional as F
-        from gen3diffusion.models.kernels import (gemm_conv, triton_geglu, triton_group_norm, triton_im2col,
-                                                  triton_residual_add, triton_subpixel_interleave)
+        from gen3diffusion.models.kernels import (gemm_conv, split_pointwise_conv, triton_geglu, triton_group_norm,
+                                                  triton_im2col, triton_residual_add, triton_subpixel_interleave)
         torch.manual_seed(0)
         for N, C, H, W, G, offset in {SHAPES!r}:
             x = (torch.randn(N, C, H, W) * 2 + offset).to(memory_format=torch.channels_last)
@@ -134,6 +134,16 @@ def test_kernels_in_triton_interpreter():
                 ref = F.silu(F.group_norm(x.double() + shift.double().reshape(-1, C, 1, 1), G, w.double(), b.double(),
                                           1e-5))
                 assert (y.double() - ref).abs().max().item() <= max(1e-5, 2 * torch_err), (N, C, H, W, shift.shape)
+            # the same norm of a concatenation read from its two parts (a U-Net's up path): split on a group
+            # boundary, inside a group, and before the last channel
+            for c1 in (C // G, C // 2 + 1, C - 1):
+                shift = torch.randn(N, C)
+                y = triton_group_norm(x[:, :c1].contiguous(memory_format=torch.channels_last), G, w, b, 1e-5, True,
+                                      shift, x[:, c1:].contiguous(memory_format=torch.channels_last))
+                assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+                ref = F.silu(F.group_norm(x.double() + shift.double()[:, :, None, None], G, w.double(), b.double(),
+                                          1e-5))
+                assert (y.double() - ref).abs().max().item() <= max(1e-5, 2 * torch_err), (N, C, c1)
             skip = torch.randn_like(x)
             out = triton_residual_add(x, w, skip, 0.5)
             assert out.stride() == x.stride()
@@ -168,6 +178,12 @@ def test_kernels_in_triton_interpreter():
                 assert out.shape == (n, co, hh, ww) and out.is_contiguous(memory_format=torch.channels_last)
                 ref = F.conv2d(x.double(), weight.double(), padding=k // 2)
                 assert (out.double() - ref).abs().max().item() < 1e-4, (n, ci, co, hh, ww, k)
+            skip = torch.randn(n, 6, hh, ww).to(memory_format=torch.channels_last)
+            weight = torch.randn(co, ci + 6, 1, 1).to(memory_format=torch.channels_last)
+            out = split_pointwise_conv(x, skip, weight)
+            ref = F.conv2d(torch.cat([x, skip], 1).double(), weight.double())
+            assert out.is_contiguous(memory_format=torch.channels_last)
+            assert (out.double() - ref).abs().max().item() < 1e-4, (n, ci, co, hh, ww)
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -248,6 +264,38 @@ def test_gemm_conv_bf16_on_gpu(shape, monkeypatch):
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
     err, cudnn_err = ((y.double() - ref).norm() / ref.norm() for y in (out, cudnn))
     assert err <= 2 * cudnn_err + 1e-4, (err, cudnn_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", ["gaussian_unet", "mv_unet"])
+def test_residual_block_reads_its_concatenated_input_in_parts_on_gpu(block, monkeypatch):
+    """An up-path residual block (bf16, channels_last, CUDA) given x and skip apart gives what it gives on their
+    concatenation, up to rounding, and the norm and the shortcut read the parts (no concatenated copy)."""
+    from gen3diffusion.models import gaussian_unet, mv_unet
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 256, 32, 32, device="cuda").to(torch.bfloat16, memory_format=torch.channels_last)
+    skip = torch.randn(4, 128, 32, 32, device="cuda").to(torch.bfloat16, memory_format=torch.channels_last)
+    emb = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    if block == "gaussian_unet":
+        net = gaussian_unet.ResnetBlock(384, 256, 64, 32)
+    else:
+        net = mv_unet.ResBlock(384, 64, 256, 32)
+        torch.nn.init.normal_(net.out_layers[3].weight, std=0.02)  # zero-initialised: give the branch some weight
+    net = net.cuda().to(torch.bfloat16, memory_format=torch.channels_last).eval()
+    cats = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda tensors, dim=0: cats.append(dim) or real_cat(tensors, dim))
+    with torch.no_grad():
+        parts = net(x, emb, skip)
+        assert cats == []
+        monkeypatch.setattr(kernels, "SPLIT_CONCAT", False)
+        whole = net(x, emb, skip)
+        assert cats == [1, 1]  # the norm's and the shortcut's concatenation
+        ref = net.double()(real_cat([x, skip], 1).double().contiguous(), emb.double())  # NCHW: PyTorch's ops
+    assert parts.is_contiguous(memory_format=torch.channels_last)
+    err, whole_err = ((y.double() - ref).norm() / ref.norm() for y in (parts, whole))
+    assert err <= 2 * whole_err + 1e-4, (err, whole_err)
 
 
 @pytest.mark.gpu

@@ -88,12 +88,14 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:  # x [BF, Cin, H, W], temb [BF, D]
+    def forward(self, x: Tensor, temb: Tensor, skip: Tensor | None = None) -> Tensor:  # x [BF, C, H, W], temb [BF, D]
+        """``skip`` [BF, Cs, H, W]: the block's input is ``torch.cat([x, skip], 1)`` (the up path), which the norm
+        and the shortcut read from its two parts (models.kernels)."""
         # the conv biases (and the time embedding) ride in the next norm / residual sum (models.kernels)
-        h = conv_without_bias(self.conv1, self.norm1(x))
+        h = conv_without_bias(self.conv1, self.norm1(x, skip=skip))
         h = conv_without_bias(self.conv2, self.norm2(h, shift=self.conv1.bias + self.time_emb_proj(temb)))
-        skip, bias = shortcut_without_bias(self.shortcut, x, self.conv2.bias)
-        return residual_add(h, bias, skip, SKIP_SCALE)  # [BF, Cout, H, W]
+        residual, bias = shortcut_without_bias(self.shortcut, x, self.conv2.bias, skip)
+        return residual_add(h, bias, residual, SKIP_SCALE)  # [BF, Cout, H, W]
 
 
 class SelfAttention(nn.Module):
@@ -231,7 +233,7 @@ class UpBlock(nn.Module):
                 keep_views: int | None = None) -> Tensor:
         """``keep_views``: pass on only the first ``keep_views`` views of each sample (before the upsampling conv)."""
         for i, net in enumerate(self.nets):
-            x = net(torch.cat([x, skips[-1 - i]], dim=1), temb)
+            x = net(x, temb, skips[-1 - i])  # the input is cat([x, skip])
             if self.attns:
                 x = self.attns[i](x, num_views)
         if keep_views is not None:

@@ -40,8 +40,8 @@ except ImportError:  # CPU-only installs: the reference path is used
     triton = None
 
 __all__ = ["GroupNorm", "conv_without_bias", "fuse_vae_blocks", "geglu", "gemm_conv", "group_norm", "residual_add",
-           "shortcut_without_bias", "subpixel_upsample_conv", "subpixel_weight", "triton_geglu", "triton_group_norm",
-           "triton_im2col", "triton_residual_add", "triton_subpixel_interleave", "upsample_conv"]
+           "shortcut_without_bias", "split_pointwise_conv", "subpixel_upsample_conv", "subpixel_weight", "triton_geglu",
+           "triton_group_norm", "triton_im2col", "triton_residual_add", "triton_subpixel_interleave", "upsample_conv"]
 
 _STATS_BLOCK_R, _STATS_WARPS = 128, 4  # statistics: pixels per loop step of a program, warps per program
 _TARGET_PROGRAMS = 1024  # statistics programs per call: enough to fill the GPU, few partials to merge
@@ -52,15 +52,22 @@ _BLOCK_ROWS, _BLOCK_COLS = 16, 128  # rows x channels per program of the GEGLU, 
 # im2col columns (:func:`gemm_conv`) where the kernels apply; 0: never. At the U-Nets' deepest levels (10 frames of
 # 4x4 or 8x8) cuDNN's implicit GEMM makes too few output tiles to keep the GPU busy while it streams the weights
 GEMM_CONV_MAX_PIXELS = 640
+# the up paths' residual blocks read their input cat([x, skip]) from its two parts where the kernels apply (the norm
+# reads both, the 1x1 shortcut runs as two matrix products), instead of copying the concatenation first
+SPLIT_CONCAT = True
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
-               silu: bool = False, shift: Tensor | None = None) -> Tensor:
+               silu: bool = False, shift: Tensor | None = None, skip: Tensor | None = None) -> Tensor:
     """``F.group_norm(x + shift)`` (then ``F.silu`` when ``silu``), by the Triton kernels where they apply (module
     docstring). ``shift`` [C] or [N, C] is added per channel (and sample) before normalising: the bias of the
-    convolution that produced ``x`` and the time embedding."""
-    if weight is not None and bias is not None and _use_kernel(x, weight, bias, shift):
-        return triton_group_norm(x, num_groups, weight, bias, eps, silu, shift)
+    convolution that produced ``x`` and the time embedding. ``skip``: normalise ``torch.cat([x, skip], 1)`` (a U-Net's
+    up-path input); the kernels read both and no concatenated copy is made."""
+    if weight is not None and bias is not None and _use_kernel(x, weight, bias, shift, skip) and (
+            skip is None or (SPLIT_CONCAT and x.dim() == 4 and _channels_last(skip))):
+        return triton_group_norm(x, num_groups, weight, bias, eps, silu, shift, skip)
+    if skip is not None:
+        x = torch.cat([x, skip], dim=1)
     if shift is not None:
         x = x + shift.reshape(-1 if shift.dim() == 2 else 1, x.shape[1], *([1] * (x.dim() - 2)))
     out = F.group_norm(x, num_groups, weight, bias, eps)
@@ -107,12 +114,31 @@ def gemm_conv(x: Tensor, weight: Tensor) -> Tensor:
     return out.view(n, h, w, co).permute(0, 3, 1, 2)
 
 
-def shortcut_without_bias(shortcut: nn.Module, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+def shortcut_without_bias(shortcut: nn.Module, x: Tensor, bias: Tensor,
+                          skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """A residual block's skip branch ``shortcut(x)`` and the bias to add at the block's end: ``bias`` (the last
-    conv's) plus, when the shortcut is a convolution, its bias, which it then leaves out."""
+    conv's) plus, when the shortcut is a convolution, its bias, which it then leaves out. ``skip``: the block's input
+    is ``torch.cat([x, skip], 1)``; a 1x1 conv then runs as two matrix products where the kernels apply."""
+    if (skip is not None and SPLIT_CONCAT and isinstance(shortcut, nn.Conv2d) and shortcut.kernel_size == (1, 1)
+            and shortcut.bias is not None and _use_kernel(x, skip, shortcut.weight) and _channels_last(skip)):
+        return split_pointwise_conv(x, skip, shortcut.weight), bias + shortcut.bias
+    if skip is not None:
+        x = torch.cat([x, skip], dim=1)
     if isinstance(shortcut, nn.Conv2d) and shortcut.bias is not None:
         return conv_without_bias(shortcut, x), bias + shortcut.bias
     return shortcut(x), bias
+
+
+def split_pointwise_conv(x: Tensor, skip: Tensor, weight: Tensor) -> Tensor:
+    """A 1x1 conv without bias of ``torch.cat([x, skip], 1)`` ([N, C1, H, W] and [N, C2, H, W], channels_last) with
+    ``weight`` [Co, C1 + C2, 1, 1], as ``x @ W1^T`` plus ``skip @ W2^T`` accumulated in place: no concatenated copy.
+    Returns [N, Co, H, W] in channels_last memory."""
+    n, c1, h, w = x.shape
+    co = weight.shape[0]
+    w2d = weight.reshape(co, -1)  # [Co, C1 + C2]
+    out = x.permute(0, 2, 3, 1).reshape(-1, c1) @ w2d[:, :c1].t()  # [N*H*W, Co]
+    out.addmm_(skip.permute(0, 2, 3, 1).reshape(-1, skip.shape[1]), w2d[:, c1:].t())
+    return out.view(n, h, w, co).permute(0, 3, 1, 2)
 
 
 def upsample_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -224,8 +250,9 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps, affine)
         self.silu = silu
 
-    def forward(self, x: Tensor, shift: Tensor | None = None) -> Tensor:
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, shift)
+    def forward(self, x: Tensor, shift: Tensor | None = None, skip: Tensor | None = None) -> Tensor:
+        """``skip``: normalise ``torch.cat([x, skip], 1)`` (see :func:`group_norm`)."""
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, shift, skip)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", silu=True" if self.silu else "")
@@ -292,16 +319,26 @@ def fuse_vae_blocks(vae: nn.Module) -> int:
 
 
 def triton_group_norm(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float,
-                      silu: bool = False, shift: Tensor | None = None) -> Tensor:
+                      silu: bool = False, shift: Tensor | None = None, skip: Tensor | None = None) -> Tensor:
     """GroupNorm (+ SiLU) of a channels_last ``x`` [N, C, H, W] (or [N, C, L] stored as [N, L, C]) plus ``shift``
-    ([C] or [N, C], see :func:`group_norm`) by the Triton kernels; the output has ``x``'s layout."""
+    ([C] or [N, C], see :func:`group_norm`) by the Triton kernels; the output has ``x``'s layout. With ``skip``
+    [N, C2, ...] (channels_last, same pixels) it normalises ``torch.cat([x, skip], 1)``: the kernels read channel c
+    from ``x`` below ``x``'s width and from ``skip`` above."""
     if triton is None:
         raise RuntimeError("triton_group_norm needs the triton package")
-    N, C = x.shape[:2]
-    if C % num_groups:
-        raise ValueError(f"num_groups={num_groups} does not divide the {C} channels")
     if not _channels_last(x):
         raise ValueError(f"x must be channels_last contiguous, got strides {x.stride()} for shape {tuple(x.shape)}")
+    C1 = x.shape[1]  # channels read from x
+    if skip is not None:
+        if x.dim() != 4 or not _channels_last(skip) or skip.shape[0] != x.shape[0] or skip.shape[2:] != x.shape[2:]:
+            raise ValueError(f"skip must be channels_last [N, C2, H, W] with x's batch and pixels "
+                             f"{tuple(x.shape[2:])}, got {tuple(skip.shape)} {skip.stride()}")
+        x_shape = (x.shape[0], C1 + skip.shape[1], *x.shape[2:])
+    else:
+        x_shape = tuple(x.shape)
+    N, C = x_shape[:2]
+    if C % num_groups:
+        raise ValueError(f"num_groups={num_groups} does not divide the {C} channels")
     HW, D = x[0, 0].numel(), C // num_groups
     if shift is not None and tuple(shift.shape) not in ((C,), (N, C)):
         raise ValueError(f"shift: expected [{C}] or [{N}, {C}], got {tuple(shift.shape)}")
@@ -315,18 +352,21 @@ def triton_group_norm(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, 
     rows_per_chunk = _STATS_BLOCK_R * triton.cdiv(triton.cdiv(HW, chunks_wanted), _STATS_BLOCK_R)
     chunks = triton.cdiv(HW, rows_per_chunk)
 
+    two = skip is not None
+    second = skip if two else x  # any pointer when there is none
     partial = torch.empty(2, N, chunks, C, device=x.device, dtype=torch.float32)  # per-channel (mean, M2) per chunk
     _chunk_stats_kernel[(chunks, N, col_blocks)](
-        x, partial[0], partial[1], HW, C, rows_per_chunk, chunks, BLOCK_R=_STATS_BLOCK_R, BLOCK_C=block_c,
-        num_warps=_STATS_WARPS)
+        x, second, partial[0], partial[1], HW, C, C1, rows_per_chunk, chunks, BLOCK_R=_STATS_BLOCK_R,
+        BLOCK_C=block_c, TWO=two, num_warps=_STATS_WARPS)
     stats = torch.empty(2, N, num_groups, device=x.device, dtype=torch.float32)  # (mean, rstd) per group
     _group_stats_kernel[(num_groups, N)](
         partial[0], partial[1], shift, stats[0], stats[1], HW, C, D, chunks, rows_per_chunk, shift_row_stride, eps,
         BLOCK_K=min(64, triton.next_power_of_2(chunks)), BLOCK_D=triton.next_power_of_2(D), SHIFT=has_shift)
-    y = torch.empty_like(x)  # keeps channels_last
+    y = torch.empty_like(x) if not two else torch.empty(
+        x_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)  # x's layout
     _normalize_kernel[(triton.cdiv(HW, _NORM_BLOCK_R), N, col_blocks)](
-        x, y, weight, bias, shift, stats[0], stats[1], HW, C, D, num_groups, shift_row_stride,
-        BLOCK_R=_NORM_BLOCK_R, BLOCK_C=block_c, SILU=silu, SHIFT=has_shift, num_warps=_NORM_WARPS)
+        x, second, y, weight, bias, shift, stats[0], stats[1], HW, C, C1, D, num_groups, shift_row_stride,
+        BLOCK_R=_NORM_BLOCK_R, BLOCK_C=block_c, SILU=silu, SHIFT=has_shift, TWO=two, num_warps=_NORM_WARPS)
     return y
 
 
@@ -403,13 +443,26 @@ if triton is not None:
         return total, mean + delta * (count_b / total), m2 + m2_b + delta * delta * (count * count_b / total)
 
     @triton.jit
-    def _chunk_stats_kernel(x_ptr, mean_ptr, m2_ptr, HW, C, rows_per_chunk, num_chunks,
-                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _load_tile(x_ptr, x2_ptr, n, rows, cols, ok, HW, C, C1, TWO: tl.constexpr):
+        """The [rows, cols] tile of sample n of x (C channels), or with TWO of cat([x, x2], channels) (x: the first
+        C1 channels, x2: the other C - C1), as float32 (0 outside ``ok``)."""
+        if TWO:
+            first = (cols < C1)[None, :]
+            a = tl.load(x_ptr + n.to(tl.int64) * HW * C1 + rows[:, None] * C1 + cols[None, :], mask=ok & first,
+                        other=0.0)
+            b = tl.load(x2_ptr + n.to(tl.int64) * HW * (C - C1) + rows[:, None] * (C - C1) + (cols - C1)[None, :],
+                        mask=ok & ~first, other=0.0)
+            return a.to(tl.float32) + b.to(tl.float32)
+        return tl.load(x_ptr + n.to(tl.int64) * HW * C + rows[:, None] * C + cols[None, :], mask=ok,
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _chunk_stats_kernel(x_ptr, x2_ptr, mean_ptr, m2_ptr, HW, C, C1, rows_per_chunk, num_chunks,
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TWO: tl.constexpr):
         """Per-channel mean and M2 (sum of squared deviations) of ``rows_per_chunk`` pixels of one sample."""
         chunk, n, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < C
-        base = x_ptr + n.to(tl.int64) * HW * C
         count = tl.zeros([BLOCK_C], tl.float32)
         mean = tl.zeros([BLOCK_C], tl.float32)
         m2 = tl.zeros([BLOCK_C], tl.float32)
@@ -418,7 +471,7 @@ if triton is not None:
             rows = r0 + tl.arange(0, BLOCK_R)
             row_ok = rows < HW
             ok = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(base + rows[:, None] * C + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            x = _load_tile(x_ptr, x2_ptr, n, rows, cols, ok, HW, C, C1, TWO)
             n_b = tl.sum(row_ok.to(tl.float32), axis=0)
             mean_b = tl.sum(x, axis=0) / n_b
             dev = tl.where(ok, x - mean_b[None, :], 0.0)
@@ -461,9 +514,9 @@ if triton is not None:
         tl.store(group_rstd_ptr + n * G + g, 1.0 / tl.sqrt(m2 / count + eps))
 
     @triton.jit
-    def _normalize_kernel(x_ptr, y_ptr, w_ptr, b_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, HW, C, D, G,
-                          shift_row_stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr,
-                          SHIFT: tl.constexpr):
+    def _normalize_kernel(x_ptr, x2_ptr, y_ptr, w_ptr, b_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, HW, C, C1,
+                          D, G, shift_row_stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr,
+                          SHIFT: tl.constexpr, TWO: tl.constexpr):
         """y = (x + shift - mean) * rstd * weight + bias, then SiLU if asked, for a tile of pixels x channels."""
         rb, n, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -478,7 +531,7 @@ if triton is not None:
             mean -= tl.load(shift_ptr + n * shift_row_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
         offset = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) - mean * scale
         offsets = n.to(tl.int64) * HW * C + rows[:, None] * C + cols[None, :]
-        y = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32) * scale[None, :] + offset[None, :]
+        y = _load_tile(x_ptr, x2_ptr, n, rows, cols, ok, HW, C, C1, TWO) * scale[None, :] + offset[None, :]
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=ok)

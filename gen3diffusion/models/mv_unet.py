@@ -220,14 +220,16 @@ class ResBlock(nn.Module):
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # [N, C, h, w], [N, E]
+    def forward(self, x: Tensor, emb: Tensor, skip: Tensor | None = None) -> Tensor:  # [N, C, h, w], [N, E]
+        """``skip`` [N, Cs, h, w]: the block's input is ``torch.cat([x, skip], 1)`` (the output blocks), which the
+        norm and the skip connection read from its two parts (models.kernels)."""
         # the conv biases (and the embedding) ride in the next norm / residual sum (models.kernels)
         norm1, _, conv1 = self.in_layers
         norm2, _, dropout, conv2 = self.out_layers
-        h = conv_without_bias(conv1, norm1(x))
+        h = conv_without_bias(conv1, norm1(x, skip=skip))
         h = conv_without_bias(conv2, dropout(norm2(h, shift=conv1.bias + self.emb_layers(emb))))
-        skip, bias = shortcut_without_bias(self.skip_connection, x, conv2.bias)
-        return residual_add(h, bias, skip)
+        residual, bias = shortcut_without_bias(self.skip_connection, x, conv2.bias, skip)
+        return residual_add(h, bias, residual)
 
 
 class Downsample(nn.Module):
@@ -256,11 +258,15 @@ class UNetBlock(nn.Sequential):
     """One entry of input_blocks / middle_block / output_blocks: layers run in order, each given what it needs."""
 
     def forward(  # type: ignore[override]
-        self, x: Tensor, emb: Tensor, context: Tensor | ProjectedContext, num_frames: int
+        self, x: Tensor, emb: Tensor, context: Tensor | ProjectedContext, num_frames: int, skip: Tensor | None = None
     ) -> Tensor:
+        """``skip``: an output block's input is ``torch.cat([x, skip], 1)``, which its first layer, a ResBlock, reads
+        from the two parts."""
+        if skip is not None and not isinstance(self[0], ResBlock):
+            x, skip = torch.cat([x, skip], dim=1), None
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x, skip = layer(x, emb, skip), None
             elif isinstance(layer, MultiViewTransformer):
                 x = layer(x, context, num_frames)
             else:
@@ -520,15 +526,16 @@ class MultiViewUNet(ModelMixin, ConfigMixin):
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context, num_frames)
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, num_frames)
+            h = self._run(block, h, emb, context, num_frames, skips.pop())  # the block's input is cat([h, skip])
         return self.out(h).to(x.dtype)
 
     def _run(
-        self, block: UNetBlock, h: Tensor, emb: Tensor, context: Tensor | ProjectedContext, num_frames: int
+        self, block: UNetBlock, h: Tensor, emb: Tensor, context: Tensor | ProjectedContext, num_frames: int,
+        skip: Tensor | None = None,
     ) -> Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return self._gradient_checkpointing_func(block, h, emb, context, num_frames)
-        return block(h, emb, context, num_frames)
+            return self._gradient_checkpointing_func(block, h, emb, context, num_frames, skip)
+        return block(h, emb, context, num_frames, skip)
 
     def _check_inputs(
         self, x: Tensor, timesteps: Tensor, context: Tensor | ProjectedContext, camera: Tensor,
