@@ -24,14 +24,15 @@ pipe, _ = bs.setup("fast", device)
 images = torch.rand(1, 3, 256, 256, device=device, generator=torch.Generator(device).manual_seed(1))
 cfg = SamplerConfig(cuda_graphs=True)
 NoCache = type("NoCache", (JointSampler,), {"cache_context_view": False})
-ALL = dict(cache=True, eff=128, gemm=640, split=True)
+ALL = dict(cache=True, eff=128, gemm=640, split=True, pad=True)
 CONFIGS = {  # name -> the switches: cached 3D context view, efficient-attention key limit, GEMM-conv pixels, the up
-    # path's concatenation read in parts
-    "main": dict(cache=False, eff=0, gemm=0, split=False),
-    "all (cache, eff 128, gemm 640, split)": ALL,
+    # path's concatenation read in parts, the encoder downsamplers' padding written by the residual kernel
+    "main": dict(cache=False, eff=0, gemm=0, split=False, pad=False),
+    "all (cache, eff 128, gemm 640, split, pad)": ALL,
     "all - cache": dict(ALL, cache=False),
     "all - eff": dict(ALL, eff=0),
     "all - split": dict(ALL, split=False),
+    "all - pad": dict(ALL, pad=False),
     "all, gemm 0": dict(ALL, gemm=0),
     "all, gemm 320": dict(ALL, gemm=320),
     "all, gemm 1280": dict(ALL, gemm=1280),
@@ -44,6 +45,7 @@ def switch(c, sampler_cls=None):
     mv_unet_module.EFFICIENT_ATTENTION_MAX_KEYS = c["eff"]
     kernels.GEMM_CONV_MAX_PIXELS = c["gemm"]
     kernels.SPLIT_CONCAT = c["split"]
+    kernels.PAD_IN_RESIDUAL = c["pad"]
     pipe.graphs.clear()
 
 

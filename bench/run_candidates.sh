@@ -20,6 +20,7 @@ JointSampler.cache_context_view = best["cache"]
 mv_unet.EFFICIENT_ATTENTION_MAX_KEYS = best["eff"]
 kernels.GEMM_CONV_MAX_PIXELS = best["gemm"]
 kernels.SPLIT_CONCAT = best["split"]
+kernels.PAD_IN_RESIDUAL = best["pad"]
 sys.argv = ["bench/bench_sample.py", *sys.argv[1:]]
 runpy.run_path("bench/bench_sample.py", run_name="__main__")
 PY

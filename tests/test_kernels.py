@@ -66,9 +66,11 @@ def test_vae_swap_keeps_outputs_and_keys():
     with torch.no_grad():
         latents = vae.encode(x).latent_dist.mean
         images = vae.decode(latents).sample
-    # 10 resnets (encoder: 2 down + 2 mid; decoder: 2 mid + 2 x 2 up), 2 attention norms, 2 output norms, 1 upsampler
-    assert fuse_vae_blocks(vae) == 10 + 2 + 2 + 1
+    # 10 resnets (encoder: 2 down + 2 mid; decoder: 2 mid + 2 x 2 up), 2 attention norms, 2 output norms, 1 upsampler,
+    # 1 encoder down block with a downsampler
+    assert fuse_vae_blocks(vae) == 10 + 2 + 2 + 1 + 1
     assert fuse_vae_blocks(vae) == 0
+    assert type(vae.encoder.down_blocks[0]).__name__ == "_FusedDownEncoderBlock2D"
     assert list(vae.state_dict()) == keys
     assert not any(type(m) is torch.nn.GroupNorm for m in vae.modules())
     assert all(type(m).forward is not ResnetBlock2D.forward for m in vae.modules() if isinstance(m, ResnetBlock2D))
@@ -148,6 +150,9 @@ def test_kernels_in_triton_interpreter():
             out = triton_residual_add(x, w, skip, 0.5)
             assert out.stride() == x.stride()
             assert (out - (x + w[:, None, None] + skip) * 0.5).abs().max().item() <= 1e-6 * (1 + abs(offset))
+            padded = triton_residual_add(x, w, skip, 0.5, pad=True)  # the encoder downsampler's zero row and column
+            assert padded.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(padded, F.pad(out, (0, 1, 0, 1)))
         x = torch.randn(2, 50, 64).transpose(1, 2)  # [N, C, L] stored as [N, L, C], as in the VAE's attention
         y = triton_group_norm(x, 8, torch.ones(64), torch.zeros(64), 1e-6)
         assert y.stride() == x.stride()
@@ -322,9 +327,15 @@ def test_vae_with_kernels_matches_reference_on_gpu():
     vae16 = AutoencoderKL(**TINY_VAE).cuda().eval()
     vae16.load_state_dict(vae32.state_dict())
     vae16.to(torch.bfloat16, memory_format=torch.channels_last)
-    assert fuse_vae_blocks(vae16) == 15
+    assert fuse_vae_blocks(vae16) == 16
     x = torch.rand(4, 3, 64, 64, device="cuda") * 2 - 1
     with torch.no_grad():
         ref = vae32.decode(vae32.encode(x).latent_dist.mean).sample
         out = vae16.decode(vae16.encode(x.bfloat16()).latent_dist.mean).sample.float()
+        mean = vae16.encode(x.bfloat16()).latent_dist.mean
+        kernels.PAD_IN_RESIDUAL = False  # the encoder's downsampler pads a copy instead
+        try:
+            assert torch.equal(vae16.encode(x.bfloat16()).latent_dist.mean, mean)
+        finally:
+            kernels.PAD_IN_RESIDUAL = True
     assert (out - ref).norm() / ref.norm() < 0.02

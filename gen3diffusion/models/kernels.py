@@ -29,7 +29,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
+from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D
 from diffusers.models.upsampling import Upsample2D
 from torch import Tensor, nn
 
@@ -55,6 +57,9 @@ GEMM_CONV_MAX_PIXELS = 640
 # the up paths' residual blocks read their input cat([x, skip]) from its two parts where the kernels apply (the norm
 # reads both, the 1x1 shortcut runs as two matrix products), instead of copying the concatenation first
 SPLIT_CONCAT = True
+# the VAE encoder's last residual block before each stride-2 downsampler writes its output with the zero row and
+# column that the downsampler pads (bottom, right), so no padded copy is made
+PAD_IN_RESIDUAL = True
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
@@ -74,13 +79,18 @@ def group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor |
     return F.silu(out) if silu else out
 
 
-def residual_add(h: Tensor, bias: Tensor | None, skip: Tensor, scale: float = 1.0) -> Tensor:
+def residual_add(h: Tensor, bias: Tensor | None, skip: Tensor, scale: float = 1.0, pad: bool = False) -> Tensor:
     """``(h + bias + skip) * scale`` with ``bias`` [C] per channel: the end of a residual block whose last
-    convolution ran without its bias (one Triton pass for same-layout channels_last CUDA tensors at inference)."""
+    convolution ran without its bias (one Triton pass for same-layout channels_last CUDA tensors at inference).
+    ``pad``: return it with a zero last row and column, [N, C, H + 1, W + 1] (``F.pad(out, (0, 1, 0, 1))``)."""
     if bias is not None and skip.shape == h.shape and skip.stride() == h.stride() and _use_kernel(h, bias, skip):
-        return triton_residual_add(h, bias, skip, scale)
-    out = h + skip if bias is None else h + bias.reshape(-1, *([1] * (h.dim() - 2))) + skip
-    return out if scale == 1.0 else out * scale
+        if pad and h.dim() == 4 and PAD_IN_RESIDUAL:
+            return triton_residual_add(h, bias, skip, scale, pad=True)
+        out = triton_residual_add(h, bias, skip, scale)
+    else:
+        out = h + skip if bias is None else h + bias.reshape(-1, *([1] * (h.dim() - 2))) + skip
+        out = out if scale == 1.0 else out * scale
+    return F.pad(out, (0, 1, 0, 1)) if pad else out
 
 
 def geglu(h: Tensor) -> Tensor:
@@ -271,12 +281,30 @@ class _FusedResnetBlock2D(ResnetBlock2D):
     switching the class of an existing block: parameters, names and the math stay those of diffusers."""
 
     def forward(self, input_tensor: Tensor, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
-        h = conv_without_bias(self.conv1, self.norm1(input_tensor))
+        return self.forward_fused(input_tensor)
+
+    def forward_fused(self, x: Tensor, pad: bool = False) -> Tensor:
+        """The block; ``pad``: its output with a zero last row and column (see :func:`residual_add`)."""
+        h = conv_without_bias(self.conv1, self.norm1(x))
         h = conv_without_bias(self.conv2, self.dropout(self.norm2(h, shift=self.conv1.bias)))
-        skip, bias = input_tensor, self.conv2.bias
+        skip, bias = x, self.conv2.bias
         if self.conv_shortcut is not None:
-            skip, bias = shortcut_without_bias(self.conv_shortcut, input_tensor, bias)
-        return residual_add(h, bias, skip, 1.0 / self.output_scale_factor)
+            skip, bias = shortcut_without_bias(self.conv_shortcut, x, bias)
+        return residual_add(h, bias, skip, 1.0 / self.output_scale_factor, pad)
+
+
+class _FusedDownEncoderBlock2D(DownEncoderBlock2D):
+    """diffusers' ``DownEncoderBlock2D`` of the VAE encoder (residual blocks, then a stride-2 conv that first pads one
+    zero row and column at the bottom and right): its last residual block writes that padding itself
+    (:func:`residual_add` with ``pad``). Only :func:`fuse_vae_blocks` makes these, when the block has that form."""
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        if args or kwargs:
+            return super().forward(hidden_states, *args, **kwargs)
+        *first, last = self.resnets
+        for resnet in first:
+            hidden_states = resnet(hidden_states)
+        return self.downsamplers[0].conv(last.forward_fused(hidden_states, pad=True))  # [N, C, H/2, W/2]
 
 
 class _FusedUpsample2D(Upsample2D):
@@ -289,6 +317,18 @@ class _FusedUpsample2D(Upsample2D):
         return upsample_conv(self.conv, hidden_states)
 
 
+def _fusable_resnet(module: nn.Module) -> bool:
+    """A diffusers ``ResnetBlock2D`` as the VAE uses it: no time embedding, no resampling, SiLU."""
+    return (type(module) is ResnetBlock2D and module.time_emb_proj is None and module.upsample is None
+            and module.downsample is None and isinstance(module.nonlinearity, nn.SiLU))
+
+
+def _pads_then_convolves(module: nn.Module) -> bool:
+    """A diffusers ``Downsample2D`` that pads (0, 1, 0, 1) and runs its stride-2 conv, nothing else."""
+    return (type(module) is Downsample2D and module.use_conv and module.padding == 0 and module.norm is None
+            and isinstance(module.conv, nn.Conv2d))
+
+
 def fuse_vae_blocks(vae: nn.Module) -> int:
     """Switch a diffusers ``AutoencoderKL`` to the fused kernels in place; returns how many modules changed.
 
@@ -299,14 +339,17 @@ def fuse_vae_blocks(vae: nn.Module) -> int:
     """
     count = 0
     for module in vae.modules():
-        if (type(module) is ResnetBlock2D and module.time_emb_proj is None and module.upsample is None
-                and module.downsample is None and isinstance(module.nonlinearity, nn.SiLU)):
+        if _fusable_resnet(module):
             module.__class__ = _FusedResnetBlock2D
             module.norm1 = GroupNorm.from_module(module.norm1, silu=True)
             module.norm2 = GroupNorm.from_module(module.norm2, silu=True)
         elif (type(module) is Upsample2D and module.use_conv and not module.use_conv_transpose and module.interpolate
               and module.norm is None and module.name == "conv"):
             module.__class__ = _FusedUpsample2D
+        elif (type(module) is DownEncoderBlock2D and module.downsamplers is not None and len(module.downsamplers) == 1
+              and _pads_then_convolves(module.downsamplers[0])
+              and all(_fusable_resnet(resnet) or type(resnet) is _FusedResnetBlock2D for resnet in module.resnets)):
+            module.__class__ = _FusedDownEncoderBlock2D
         elif isinstance(module, Attention) and type(module.group_norm) is nn.GroupNorm:
             module.group_norm = GroupNorm.from_module(module.group_norm)
         elif type(getattr(module, "conv_norm_out", None)) is nn.GroupNorm and isinstance(module.conv_act, nn.SiLU):
@@ -370,8 +413,9 @@ def triton_group_norm(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, 
     return y
 
 
-def triton_residual_add(h: Tensor, bias: Tensor, skip: Tensor, scale: float = 1.0) -> Tensor:
-    """:func:`residual_add` by the Triton kernel, for channels_last ``h`` and ``skip`` of the same shape and strides."""
+def triton_residual_add(h: Tensor, bias: Tensor, skip: Tensor, scale: float = 1.0, pad: bool = False) -> Tensor:
+    """:func:`residual_add` by the Triton kernel, for channels_last ``h`` and ``skip`` of the same shape and strides;
+    ``pad``: into [N, C, H + 1, W + 1] with a zero last row and column (4-D only)."""
     if triton is None:
         raise RuntimeError("triton_residual_add needs the triton package")
     if not _channels_last(h) or skip.shape != h.shape or skip.stride() != h.stride():
@@ -379,6 +423,15 @@ def triton_residual_add(h: Tensor, bias: Tensor, skip: Tensor, scale: float = 1.
                          f"{h.stride()} and {tuple(skip.shape)} {skip.stride()}")
     if tuple(bias.shape) != (h.shape[1],):
         raise ValueError(f"bias: expected [{h.shape[1]}], got {tuple(bias.shape)}")
+    if pad:
+        if h.dim() != 4:
+            raise ValueError(f"pad needs [N, C, H, W], got {tuple(h.shape)}")
+        n, c, hh, ww = h.shape
+        out = torch.empty((n, c, hh + 1, ww + 1), dtype=h.dtype, device=h.device, memory_format=torch.channels_last)
+        # one program per output row (sample, i) and block of its (W + 1) C elements
+        _residual_pad_kernel[(n * (hh + 1), triton.cdiv((ww + 1) * c, _BLOCK_FLAT))](
+            h, skip, bias, out, hh, ww, c, scale, BLOCK=_BLOCK_FLAT)
+        return out
     out = torch.empty_like(h)
     _residual_kernel[(triton.cdiv(h.numel(), _BLOCK_FLAT),)](
         h, skip, bias, out, h.numel(), h.shape[1], scale, BLOCK=_BLOCK_FLAT)
@@ -545,6 +598,21 @@ if triton is not None:
         skip = tl.load(skip_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + offsets % C, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + offsets, ((h + bias + skip) * scale).to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _residual_pad_kernel(h_ptr, skip_ptr, bias_ptr, out_ptr, H, W, C, scale, BLOCK: tl.constexpr):
+        """Row i of sample n of out [N, H + 1, W + 1, C]: (h + bias + skip) * scale for i < H and the first W C
+        elements (pixels j < W), 0 in the last row and the last pixel of each row."""
+        row = tl.program_id(0)
+        n, i = row // (H + 1), row % (H + 1)
+        e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # element of the output row
+        inside = (e < W * C) & (i < H)
+        src = (n.to(tl.int64) * H + i) * W * C + e
+        h = tl.load(h_ptr + src, mask=inside, other=0.0).to(tl.float32)
+        skip = tl.load(skip_ptr + src, mask=inside, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + e % C, mask=inside, other=0.0).to(tl.float32)
+        value = tl.where(inside, (h + bias + skip) * scale, 0.0)
+        tl.store(out_ptr + row.to(tl.int64) * (W + 1) * C + e, value.to(out_ptr.dtype.element_ty), mask=e < (W + 1) * C)
 
     @triton.jit
     def _geglu_kernel(h_ptr, out_ptr, rows, D, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
