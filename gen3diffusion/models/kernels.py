@@ -1,5 +1,5 @@
 """Fused inference kernels for channels_last CUDA activations: GroupNorm (+ SiLU), the residual epilogue, the
-sub-pixel upsampler's interleave, and GEGLU's activation.
+sub-pixel upsampler's interleave, GEGLU's activation, and the im2col columns of small convolutions.
 
 Every convolutional block of the three networks (MV UNet, VAE, 3D U-Net) runs GroupNorm -> SiLU -> conv, twice,
 then adds its input. cuDNN's fast convolutions work in NHWC (``torch.channels_last``), but in eager PyTorch
@@ -14,6 +14,12 @@ passes that happen anyway. The GroupNorm kernels read and write NHWC and apply t
 over the activation (per-chunk statistics, a tiny merge per group, normalise) instead of about seven. Two more
 passes that PyTorch runs unvectorised over strided views get one vectorised Triton pass each: the interleave of the
 sub-pixel upsampling conv's four phases (plus its bias), and the MV UNet's GEGLU ``value * GELU(gate)``.
+
+Two copies are not made at all: the U-Nets' up-path blocks read their input ``cat([x, skip])`` from its two parts
+(the norm kernels read both, the 1x1 shortcut runs as two matrix products), and the VAE encoder's last residual block
+before each downsampler writes the zero row and column that the downsampler pads. The convolutions of the deepest
+levels, whose few output pixels leave cuDNN's implicit GEMM short of work, run as one matrix product over im2col
+columns that one Triton pass writes.
 
 Statistics are accumulated in float32 with Chan et al.'s pairwise merge of (count, mean, M2), so a large mean does
 not cancel the variance (as a sum / sum-of-squares formula would); results match the reference ops to float32
