@@ -74,8 +74,9 @@ def group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor |
     docstring). ``shift`` [C] or [N, C] is added per channel (and sample) before normalising: the bias of the
     convolution that produced ``x`` and the time embedding. ``skip``: normalise ``torch.cat([x, skip], 1)`` (a U-Net's
     up-path input); the kernels read both and no concatenated copy is made."""
-    if weight is not None and bias is not None and _use_kernel(x, weight, bias, shift, skip) and (
-            skip is None or (SPLIT_CONCAT and x.dim() == 4 and _channels_last(skip))):
+    if skip is not None and not (SPLIT_CONCAT and x.dim() == 4 and _channels_last(skip)):
+        x, skip = torch.cat([x, skip], dim=1), None  # then as any other input
+    if weight is not None and bias is not None and _use_kernel(x, weight, bias, shift, skip):
         return triton_group_norm(x, num_groups, weight, bias, eps, silu, shift, skip)
     if skip is not None:
         x = torch.cat([x, skip], dim=1)
