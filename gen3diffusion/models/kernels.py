@@ -654,7 +654,7 @@ if triton is not None:
 
     @triton.jit
     def _im2col_kernel(x_ptr, cols_ptr, P, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """cols[p, t C + c] = x[n, i + dy, j + dx, c] (0 outside) for pixels p = (n, i, j), tap t = 3 (dy + 1) + dx + 1."""
+        """cols[p, t C + c] = x[n, i + dy, j + dx, c] (0 outside) for pixel p = (n, i, j), tap t = 3 (dy+1) + dx+1."""
         pb, t, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
