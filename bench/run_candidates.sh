@@ -1,25 +1,20 @@
 #!/usr/bin/env bash
-# Device run for the candidates of branch perf/step-candidates (bench/CANDIDATES.md), in order of what decides:
+# Second device run for branch perf/step-candidates (bench/CANDIDATES.md):
 #   source .device/env.sh && bash bench/run_candidates.sh
-# Logs under $OUT; about 8-9 minutes on an H100 (the last run is skipped when less than 2 minutes of the 10 are left).
+# Logs under $OUT.
 set -u
 nvidia-smi --query-gpu=name,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-python bench/bench_conv.py > "$OUT/bench_conv.log" 2>&1
-python bench/probe_candidates.py "$OUT/probe.json" > "$OUT/probe.log" 2>&1
 python -m pytest -m gpu -q -rs > "$OUT/gpu_tests.log" 2>&1
+python bench/probe_candidates.py "$OUT/probe.json" > "$OUT/probe.log" 2>&1
 
 # bench_sample.py with the probe's best configuration of the switches
 with_best() {
   python - "$@" <<PY
 import json, runpy, sys
-from gen3diffusion.diffusion.sampler import JointSampler
-from gen3diffusion.models import kernels, mv_unet
+from gen3diffusion.models import kernels
 best = json.load(open("$OUT/probe.json"))["best_config"]
 print("the probe's best configuration:", best, flush=True)
-JointSampler.cache_context_view = best["cache"]
-mv_unet.EFFICIENT_ATTENTION_MAX_KEYS = best["eff"]
 kernels.GEMM_CONV_MAX_PIXELS = best["gemm"]
-kernels.SPLIT_CONCAT = best["split"]
 kernels.PAD_IN_RESIDUAL = best["pad"]
 sys.argv = ["bench/bench_sample.py", *sys.argv[1:]]
 runpy.run_path("bench/bench_sample.py", run_name="__main__")
@@ -28,7 +23,7 @@ PY
 with_best --modes reference fast --batch-sizes 1 --iters 3 --analyse fast --json "$OUT/bench_sample.json" \
   > "$OUT/bench_sample.log" 2>&1
 if [ "$SECONDS" -lt 480 ]; then
-  with_best --modes fast --batch-sizes 1 --iters 3 --analyse none --gaussian-size trained \
+  with_best --modes fast --batch-sizes 1 8 --iters 3 --analyse none --gaussian-size trained \
     > "$OUT/bench_sample_trained.log" 2>&1
 fi
-tail -3 "$OUT"/*.log
+for f in "$OUT"/*.log; do echo "== $f"; tail -n 3 "$f"; done

@@ -31,6 +31,7 @@ from gen3diffusion.models.kernels import (
     gemm_conv,
     group_norm,
     residual_add,
+    split_pointwise_conv,
     subpixel_upsample_conv,
     subpixel_weight,
     triton_group_norm,
@@ -194,6 +195,19 @@ def test_kernels_in_triton_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_split_pointwise_conv_under_autocast():
+    """Autocast does not cast in-place ops: the second product of the split 1x1 conv must follow the first one's
+    dtype (bf16 activations, float32 weights), and match the concatenated conv to bf16 rounding."""
+    x = torch.randn(2, 16, 3, 4).to(torch.bfloat16, memory_format=torch.channels_last)
+    skip = torch.randn(2, 8, 3, 4).to(torch.bfloat16, memory_format=torch.channels_last)
+    weight = torch.randn(5, 24, 1, 1).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = split_pointwise_conv(x, skip, weight)
+    ref = F.conv2d(torch.cat([x, skip], 1).double(), weight.double())
+    assert out.dtype == torch.bfloat16
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
 
 
 def test_kernel_rejects_nchw_and_bad_groups():

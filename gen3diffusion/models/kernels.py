@@ -149,12 +149,13 @@ def shortcut_without_bias(shortcut: nn.Module, x: Tensor, bias: Tensor,
 def split_pointwise_conv(x: Tensor, skip: Tensor, weight: Tensor) -> Tensor:
     """A 1x1 conv without bias of ``torch.cat([x, skip], 1)`` ([N, C1, H, W] and [N, C2, H, W], channels_last) with
     ``weight`` [Co, C1 + C2, 1, 1], as ``x @ W1^T`` plus ``skip @ W2^T`` accumulated in place: no concatenated copy.
+    Under autocast the second product runs in the first one's dtype (autocast does not cast in-place ops).
     Returns [N, Co, H, W] in channels_last memory."""
     n, c1, h, w = x.shape
     co = weight.shape[0]
     w2d = weight.reshape(co, -1)  # [Co, C1 + C2]
     out = x.permute(0, 2, 3, 1).reshape(-1, c1) @ w2d[:, :c1].t()  # [N*H*W, Co]
-    out.addmm_(skip.permute(0, 2, 3, 1).reshape(-1, skip.shape[1]), w2d[:, c1:].t())
+    out.addmm_(skip.permute(0, 2, 3, 1).reshape(-1, skip.shape[1]).to(out.dtype), w2d[:, c1:].t().to(out.dtype))
     return out.view(n, h, w, co).permute(0, 3, 1, 2)
 
 

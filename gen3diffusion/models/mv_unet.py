@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .kernels import GroupNorm, conv_without_bias, geglu, residual_add, shortcut_without_bias, upsample_conv
 from .loading import find_weights_file, load_state_dict_strict, read_state_dict, resolve_file, resolve_source
@@ -42,23 +41,11 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
     return F.pad(torch.cat([torch.cos(args), torch.sin(args)], dim=-1), (0, dim % 2))  # [N, dim]
 
 
-# attention over at most this many keys (the cross-attentions' 77 prompt or 16 image-prompt tokens) runs on SDPA's
-# memory-efficient kernel at inference on CUDA: PyTorch picks cuDNN's, which spends a memset and more time on so few
-# keys (docs/benchmarks.md); 0: PyTorch's choice everywhere
-EFFICIENT_ATTENTION_MAX_KEYS = 128
-
-
 def _attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     """Multi-head softmax attention (scale 1/sqrt(d)) by SDPA: [B, Lq, H*d], [B, Lk, H*d] -> [B, Lq, H*d]."""
     b, lq, inner = q.shape
     q, k, v = (t.reshape(b, t.shape[1], heads, inner // heads).transpose(1, 2) for t in (q, k, v))  # [B, H, L, d]
-    if (k.shape[2] <= EFFICIENT_ATTENTION_MAX_KEYS and q.is_cuda and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()):
-        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-            out = F.scaled_dot_product_attention(q, k, v)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(b, lq, inner)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, lq, inner)
 
 
 def _zero(module: nn.Module) -> nn.Module:
