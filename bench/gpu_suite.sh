@@ -14,6 +14,7 @@ done > "$out/bench_render.log" 2>&1
 python bench/bench_sample.py --modes reference fast --batch-sizes 1 8 --profile "$out/profile.txt" \
     --json "$out/bench_sample.json" > "$out/bench_sample.log" 2>&1
 python bench/bench_group_norm.py > "$out/bench_group_norm.log" 2>&1
+python bench/bench_conv.py > "$out/bench_conv.log" 2>&1
 # gsplat's own tile of 16 (the image does not depend on it) and trained-size splats, against the default
 for args in "--tile-size 16" "--gaussian-size trained" "--gaussian-size trained --tile-size 16"; do
     python bench/bench_sample.py --modes fast --batch-sizes 1 --analyse none --iters 3 $args

@@ -197,9 +197,29 @@ def test_kernels_in_triton_interpreter():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+def test_gemm_paths_count_the_flops_of_the_convolutions_they_replace():
+    """bench_sample.py reports FLOPs counted by ``FlopCounterMode``: the GEMM form of a 3x3 conv and the split 1x1
+    shortcut must count as many as ``F.conv2d`` (a product it cannot see, such as ``addmm_``, would drop out). The
+    3x3 GEMM multiplies [N*H*W, 9 Ci] columns, which needs the im2col kernel; its count is the same product's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 16, 3, 4).to(memory_format=torch.channels_last)
+    skip = torch.randn(2, 8, 3, 4).to(memory_format=torch.channels_last)
+    w1, w_skip = torch.randn(5, 16, 1, 1), torch.randn(5, 24, 1, 1)
+
+    def flops(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    concatenated = torch.cat([x, skip], 1)
+    assert flops(lambda: split_pointwise_conv(x, skip, w_skip)) == flops(lambda: F.conv2d(concatenated, w_skip))
+    assert flops(lambda: gemm_conv(x, w1)) == flops(lambda: F.conv2d(x, w1))
+
+
 def test_split_pointwise_conv_under_autocast():
-    """Autocast does not cast in-place ops: the second product of the split 1x1 conv must follow the first one's
-    dtype (bf16 activations, float32 weights), and match the concatenated conv to bf16 rounding."""
+    """Autocast casts neither in-place nor ``out=`` ops: the second product of the split 1x1 conv must follow the
+    first one's dtype (bf16 activations, float32 weights), and match the concatenated conv to bf16 rounding."""
     x = torch.randn(2, 16, 3, 4).to(torch.bfloat16, memory_format=torch.channels_last)
     skip = torch.randn(2, 8, 3, 4).to(torch.bfloat16, memory_format=torch.channels_last)
     weight = torch.randn(5, 24, 1, 1).to(memory_format=torch.channels_last)

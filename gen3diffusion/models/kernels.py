@@ -58,8 +58,9 @@ _BLOCK_FLAT = 2048  # elements per program of the residual kernel
 _BLOCK_ROWS, _BLOCK_COLS = 16, 128  # rows x channels per program of the GEGLU, interleave and im2col kernels
 # a residual block's convolutions with at most this many output pixels (the whole batch's) run as one GEMM over
 # im2col columns (:func:`gemm_conv`) where the kernels apply; 0: never. At the U-Nets' deepest levels (10 frames of
-# 4x4 or 8x8) cuDNN's implicit GEMM makes too few output tiles to keep the GPU busy while it streams the weights
-GEMM_CONV_MAX_PIXELS = 640
+# 4x4, the 3D U-Net's 5 views of 8x8) cuDNN's implicit GEMM makes too few output tiles to keep the GPU busy while it
+# streams the weights. 320: where bench/bench_conv.py timed the GEMM faster on the H100 (docs/benchmarks.md)
+GEMM_CONV_MAX_PIXELS = 320
 # the up paths' residual blocks read their input cat([x, skip]) from its two parts where the kernels apply (the norm
 # reads both, the 1x1 shortcut runs as two matrix products), instead of copying the concatenation first
 SPLIT_CONCAT = True
@@ -149,13 +150,15 @@ def shortcut_without_bias(shortcut: nn.Module, x: Tensor, bias: Tensor,
 def split_pointwise_conv(x: Tensor, skip: Tensor, weight: Tensor) -> Tensor:
     """A 1x1 conv without bias of ``torch.cat([x, skip], 1)`` ([N, C1, H, W] and [N, C2, H, W], channels_last) with
     ``weight`` [Co, C1 + C2, 1, 1], as ``x @ W1^T`` plus ``skip @ W2^T`` accumulated in place: no concatenated copy.
-    Under autocast the second product runs in the first one's dtype (autocast does not cast in-place ops).
+    The second product is ``addmm(..., out=)``: autocast casts neither that nor ``addmm_``, so it runs in the first
+    one's dtype, and ``FlopCounterMode`` counts it, which it does not for ``addmm_``.
     Returns [N, Co, H, W] in channels_last memory."""
     n, c1, h, w = x.shape
     co = weight.shape[0]
     w2d = weight.reshape(co, -1)  # [Co, C1 + C2]
     out = x.permute(0, 2, 3, 1).reshape(-1, c1) @ w2d[:, :c1].t()  # [N*H*W, Co]
-    out.addmm_(skip.permute(0, 2, 3, 1).reshape(-1, skip.shape[1]).to(out.dtype), w2d[:, c1:].t().to(out.dtype))
+    skip2d = skip.permute(0, 2, 3, 1).reshape(-1, skip.shape[1])  # [N*H*W, C2]
+    torch.addmm(out, skip2d.to(out.dtype), w2d[:, c1:].t().to(out.dtype), out=out)
     return out.view(n, h, w, co).permute(0, 3, 1, 2)
 
 
