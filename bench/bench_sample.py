@@ -8,9 +8,10 @@ vision tower, 3D-GS model 0.42 B; no text encoder: random prompt embeddings stan
   UNet's cross-attention keys and values of the prompt tokens projected at every step, the 3D U-Net run in full for
   the context view at every step (``trim_context_view=False``), gsplat tiles of 16;
 - ``fast``: the default of ``Gen3DiffusionPipeline.from_pretrained`` on CUDA: bfloat16 weights in channels_last
-  with the fused NHWC kernels and sub-pixel upsampling convolutions (``models/kernels.py``), one batched decode of
-  x0~ and x_t, those keys and values projected once per call (``MultiViewUNet.project_context``), the 3D U-Net's
-  layers before its first attention run for the context view once per call
+  with the fused NHWC kernels, sub-pixel upsampling convolutions, the deepest convolutions as im2col GEMMs and the up
+  paths' concatenations read in parts (``models/kernels.py``), one batched decode of x0~ and x_t, those keys and
+  values projected once per call (``MultiViewUNet.project_context``), the 3D U-Net's layers before its first
+  attention run for the context view once per call
   (``GaussianDiffusionModel.encode_context_view``) and those after its last attention on the target views only,
   colour-only renders with gsplat tiles of 32 (``RenderConfig.tile_size``), and CUDA graphs for the fixed-shape
   parts of each step (``SamplerConfig.cuda_graphs``).
