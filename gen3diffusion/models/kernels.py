@@ -126,8 +126,8 @@ def gemm_conv(x: Tensor, weight: Tensor) -> Tensor:
     times the weight [Co, Ci, k, k] read as [Co, k*k*Ci]. Returns [N, Co, H, W] in channels_last memory."""
     n, ci, h, w = x.shape
     co, k = weight.shape[0], weight.shape[-1]
-    pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, ci)  # channels_last: a view
-    cols = pixels if k == 1 else triton_im2col(x)  # [N*H*W, k*k*Ci], tap-major
+    # [N*H*W, k*k*Ci], tap-major; for 1x1 a view of the channels_last x
+    cols = x.permute(0, 2, 3, 1).reshape(n * h * w, ci) if k == 1 else triton_im2col(x)
     out = cols @ weight.permute(0, 2, 3, 1).reshape(co, k * k * ci).t()  # [N*H*W, Co]
     return out.view(n, h, w, co).permute(0, 3, 1, 2)
 
@@ -168,7 +168,7 @@ def upsample_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     Where the fused kernels apply (inference on CUDA channels_last) a 3x3 ``conv`` runs as its sub-pixel form
     (:func:`subpixel_upsample_conv`): 16 instead of 36 multiply-adds per input pixel and channel pair, and no
     upsampled copy of ``x``. Elsewhere it runs as written."""
-    if _is_upsample_3x3(conv) and _use_kernel(x, conv.weight, conv.bias):
+    if conv.kernel_size == (3, 3) and _is_same_size_conv(conv) and _use_kernel(x, conv.weight, conv.bias):
         return subpixel_upsample_conv(x, _cached_subpixel_weight(conv), conv.bias)
     return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
@@ -218,11 +218,6 @@ def _is_same_size_conv(conv: nn.Conv2d) -> bool:
     """A 1x1 or 3x3 convolution with stride 1 and zero padding that keeps the size, one group."""
     k = conv.kernel_size
     return (k in ((1, 1), (3, 3)) and conv.stride == (1, 1) and conv.padding == (k[0] // 2, k[1] // 2)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
-
-
-def _is_upsample_3x3(conv: nn.Conv2d) -> bool:
-    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
