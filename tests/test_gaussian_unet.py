@@ -271,8 +271,8 @@ def test_cached_context_view_rejects_what_it_cannot_serve():
 def test_forward_traces_into_one_graph_for_torch_compile():
     # a graph break splits the compiled U-Net into a graph per block, recompiled per block up to dynamo's limit
     model = tiny_model().eval()
-    x, timesteps = model.build_input(**make_inputs(b=1))
     inp = make_inputs(b=1)
+    x, timesteps = model.build_input(**inp)
     with torch.no_grad():
         explained = torch._dynamo.explain(model.unet)(x, timesteps, num_views=5, keep_views=4)
         assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]

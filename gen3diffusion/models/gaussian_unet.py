@@ -550,15 +550,12 @@ class GaussianDiffusionModel(ModelMixin, ConfigMixin):
         self._check_inputs(x0_hat, x_t, rays, t, context)
         b, v = x_t.shape[:2]
         keep = v if self.trim_context_view else v + 1
-        if isinstance(context, ContextViewCache):
-            if not self.trim_context_view:
-                raise ValueError("a cached context view needs trim_context_view (its output is not computed)")
-            x, timesteps = self.build_input(x0_hat, x_t, rays, t, None)  # [B*V, 12, H, W]
-            out = self.unet(x.to(self.dtype), timesteps, num_views=v + 1, keep_views=keep, context=context)
-        else:
-            x, timesteps = self.build_input(x0_hat, x_t, rays, t, context)  # [B*(V+1), 12, H, W]
-            out = self.unet(x.to(self.dtype), timesteps, num_views=v + 1, keep_views=keep)
-        out = self.conv(out)  # [B*K, 14, S, S]
+        cache = context if isinstance(context, ContextViewCache) else None
+        if cache is not None and not self.trim_context_view:
+            raise ValueError("a cached context view needs trim_context_view (its output is not computed)")
+        # [B*(V+1), 12, H, W], or [B*V, ...] with the context view cached
+        x, timesteps = self.build_input(x0_hat, x_t, rays, t, None if cache is not None else context)
+        out = self.conv(self.unet(x.to(self.dtype), timesteps, num_views=v + 1, keep_views=keep, context=cache))
         s = out.shape[-1]
         out = out.view(b, keep, out.shape[1], s, s)[:, :v]  # without the context view: [B, V, 14, S, S]
         return out.permute(0, 1, 3, 4, 2).reshape(b, v * s * s, out.shape[2]).float()  # [B, V*S*S, 14]
