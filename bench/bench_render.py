@@ -9,7 +9,7 @@ Prints one Markdown table row per run (median over ``--repeats`` timed runs afte
 docs/benchmarks.md. The scene: means uniform in [-0.5, 0.5]^3, scales uniform in ``--scales`` (default 0.005-0.03,
 the size of trained splats), random rotations, opacities and colours, cameras at radius 1.5, fovy 49.1, white
 background. ``--tile-size`` sets gsplat's tile side (``RenderConfig.tile_size``; the torch backend's tiles are fixed
-at 16).
+at 16) and ``--tile-binning`` how it lists the splats per tile (``RenderConfig.tile_binning``).
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs=2, default=[0.005, 0.03], metavar=("LO", "HI"),
                         help="splat scales are uniform in [LO, HI] (the random full-size 3D model's: 0.054 0.099)")
     parser.add_argument("--tile-size", type=int, default=RenderConfig.tile_size, help="gsplat's tile side")
+    parser.add_argument("--tile-binning", choices=["auto", "dense", "sort"], default=RenderConfig.tile_binning,
+                        help="gsplat's tile binning (RenderConfig.tile_binning)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
 
@@ -87,7 +89,7 @@ def main() -> None:
     params = [g.means, g.scales, g.rotations, g.opacities, g.colors]
     azimuths = torch.arange(args.views, dtype=torch.float32) * (360.0 / args.views)
     cams = Cameras.from_fovy(orbit_camera(torch.zeros(args.views), azimuths, 1.5), 49.1, size).to(device)
-    cfg = RenderConfig(backend=backend, tile_size=args.tile_size)
+    cfg = RenderConfig(backend=backend, tile_size=args.tile_size, tile_binning=args.tile_binning)
 
     def forward() -> None:
         with torch.no_grad():
@@ -111,11 +113,12 @@ def main() -> None:
         memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS peak"
         name = f"CPU, {torch.get_num_threads()} threads"
     tiles = args.tile_size if backend == "gsplat" else TORCH_TILE
-    print("| device | backend | tile | Gaussians | scales | views | size | forward (ms) | forward+backward (ms) "
+    print("| device | backend | tile | binning | Gaussians | scales | views | size | forward (ms) | forward+backward (ms) "
           "| memory |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     scales = f"{args.scales[0]:g}-{args.scales[1]:g}"
-    print(f"| {name} | {backend} | {tiles} | {args.num_gaussians:,} | {scales} | {args.views} | {size}x{size} "
+    binning = args.tile_binning if backend == "gsplat" else "-"
+    print(f"| {name} | {backend} | {tiles} | {binning} | {args.num_gaussians:,} | {scales} | {args.views} | {size}x{size} "
           f"| {fwd:.1f} | {fwd_bwd:.1f} | {memory} |")
 
 

@@ -81,7 +81,8 @@ KERNEL_KINDS = {
     "convolution (cuDNN)": ("fprop", "conv"),
     "GroupNorm (models/kernels.py)": ("_chunk_stats", "_group_stats", "_normalize_kernel"),
     "residual epilogue (models/kernels.py)": ("_residual_kernel",),
-    "render (gsplat: projection, tile intersection, sort, rasterize)": ("gsplat", "radix_sort", "cub::"),
+    "render (gsplat: projection, tile binning, rasterize)": ("gsplat", "radix_sort", "cub::", "_bin_kernel",
+                                                            "_tile_ranges_kernel"),
     "matmul (linear layers)": ("nvjet", "gemm", "cutlass"),
     "nearest upsampling": ("upsample",),
     "GroupNorm (PyTorch)": ("group_norm", "GroupNorm"),
@@ -151,6 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tile-size", type=int, default=RenderConfig.tile_size,
                    help="gsplat's tile side in every mode but the reference, which keeps the authors' 16 (the image "
                         "does not depend on it)")
+    p.add_argument("--tile-binning", choices=["auto", "dense", "sort"], default=RenderConfig.tile_binning,
+                   help="how every mode but the reference (gsplat's sort) lists splats per tile "
+                        "(RenderConfig.tile_binning; the image does not depend on it)")
     p.add_argument("--iters", type=int, default=2, help="timed runs per mode and batch size (the reference: 1)")
     p.add_argument("--analyse", choices=[*MODES, "none"], default="fast",
                    help="the mode whose step is broken down into parts and profiled (none: skip FLOPs, parity of a "
@@ -349,14 +353,15 @@ def profile_summary(prof) -> dict[str, float]:
     return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
-def setup(mode: str, device: torch.device, scale_logit_shift: float = 0.0,
-          tile_size: int = RenderConfig.tile_size) -> tuple[Gen3DiffusionPipeline, bool]:
+def setup(mode: str, device: torch.device, scale_logit_shift: float = 0.0, tile_size: int = RenderConfig.tile_size,
+          tile_binning: str = RenderConfig.tile_binning) -> tuple[Gen3DiffusionPipeline, bool]:
     """A fresh pipeline for ``mode`` and whether it samples with CUDA graphs."""
     dtype, authors, graphs, channels_last, compiled = MODES[mode]
     pipe = build_pipeline(dtype, device, scale_logit_shift)
     pipe.sampler_cls = ReferenceSampler if authors else JointSampler
     pipe.model_3d.trim_context_view = not authors
     pipe.cfg.render.tile_size = 16 if authors else tile_size
+    pipe.cfg.render.tile_binning = "sort" if authors else tile_binning
     if channels_last:
         pipe.use_channels_last()
     if compiled:
@@ -377,8 +382,8 @@ def main(argv: list[str] | None = None) -> None:
     card = torch.cuda.get_device_name()
     cfg = SamplerConfig(num_steps=args.steps, render_size=args.render_size)
     shift = TRAINED_SCALE_LOGIT_SHIFT if args.gaussian_size == "trained" else 0.0
-    report: dict = {"card": card, "gaussian_size": args.gaussian_size, "tile_size": args.tile_size, "rows": [],
-                    "parity": {}}
+    report: dict = {"card": card, "gaussian_size": args.gaussian_size, "tile_size": args.tile_size,
+                    "tile_binning": args.tile_binning, "rows": [], "parity": {}}
     outputs = {}
 
     def save() -> None:
@@ -386,11 +391,11 @@ def main(argv: list[str] | None = None) -> None:
             args.json.write_text(json.dumps(report, indent=2))
 
     print(f"{card}; {args.steps} steps, CFG {cfg.guidance_scale:g}, refinement on, renders at {cfg.render_size}, "
-          f"{args.gaussian_size}-size Gaussians, gsplat tiles of {args.tile_size}\n")
+          f"{args.gaussian_size}-size Gaussians, gsplat tiles of {args.tile_size}, {args.tile_binning} tile binning\n")
     print("| mode | batch | s / object | vs reference | peak allocated | peak reserved | warm-up |")
     print("|---|---|---|---|---|---|---|")
     for mode in args.modes:  # one pipeline on the card at a time, so each peak counts only its own weights
-        pipe, graphs = setup(mode, device, shift, args.tile_size)
+        pipe, graphs = setup(mode, device, shift, args.tile_size, args.tile_binning)
         run_cfg = replace(cfg, cuda_graphs=graphs)
         for b in args.batch_sizes:
             images = torch.rand(b, 3, pipe.image_size, pipe.image_size, device=device,
@@ -414,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.empty_cache()
     if args.analyse == "none":
         return
-    pipe, _ = setup("fast", device, shift, args.tile_size)
+    pipe, _ = setup("fast", device, shift, args.tile_size, args.tile_binning)
     images = torch.rand(1, 3, pipe.image_size, pipe.image_size, device=device,
                         generator=torch.Generator(device).manual_seed(1))
     flops_by_op = step_flops(pipe, images)
@@ -437,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.analyse != "fast":
         del pipe
         torch.cuda.empty_cache()
-        pipe, _ = setup(args.analyse, device, shift, args.tile_size)
+        pipe, _ = setup(args.analyse, device, shift, args.tile_size, args.tile_binning)
     report["breakdown_ms"] = breakdown(pipe, images, replace(cfg, cuda_graphs=True))
     print(f"\n{args.analyse}: one step with each part in its own CUDA graph, batch 1, median ms per step:")
     for name, ms in report["breakdown_ms"].items():

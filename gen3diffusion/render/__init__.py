@@ -87,7 +87,7 @@ def rasterize(
         from gen3diffusion.render import _gsplat
 
         sums, alpha = _gsplat.render_features(means, quats, scales, opacities, feats, viewmats, Ks, W, H, **common,
-                                              tile_size=cfg.tile_size)
+                                              tile_size=cfg.tile_size, binning=cfg.tile_binning)
     else:
         from gen3diffusion.render import _torch
 
