@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs=2, default=[0.005, 0.03], metavar=("LO", "HI"),
                         help="splat scales are uniform in [LO, HI] (the random full-size 3D model's: 0.054 0.099)")
     parser.add_argument("--tile-size", type=int, default=RenderConfig.tile_size, help="gsplat's tile side")
-    parser.add_argument("--tile-binning", choices=["auto", "dense", "sort"], default=RenderConfig.tile_binning,
+    parser.add_argument("--tile-binning", choices=["sort", "dense"], default=RenderConfig.tile_binning,
                         help="gsplat's tile binning (RenderConfig.tile_binning)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()

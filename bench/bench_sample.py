@@ -26,7 +26,8 @@ steps). Then, unless ``--analyse none``: the FLOPs of one step and the fraction 
 reaches, the bf16-vs-float32 error of one step's parts from identical inputs, the time of each part of a step, how
 long the GPU idles in a step with CUDA graphs and how much of that is waiting for the CPU (from a profiler trace),
 and optionally a torch.profiler table. ``--gaussian-size trained`` runs every mode with the random 3D model's
-Gaussians shrunk to the size of trained ones, whose render costs what a user's does.
+Gaussians shrunk to the size of trained ones, whose render costs what a user's does; ``--tile-binning dense`` runs
+every mode but the reference with the exact dense tile binning (``RenderConfig.tile_binning``).
 
     python bench/bench_sample.py --json bench_sample.json
     python bench/bench_sample.py --modes reference fast bf16-eager --batch-sizes 1 --profile profile.txt
@@ -152,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tile-size", type=int, default=RenderConfig.tile_size,
                    help="gsplat's tile side in every mode but the reference, which keeps the authors' 16 (the image "
                         "does not depend on it)")
-    p.add_argument("--tile-binning", choices=["auto", "dense", "sort"], default=RenderConfig.tile_binning,
+    p.add_argument("--tile-binning", choices=["sort", "dense"], default=RenderConfig.tile_binning,
                    help="how every mode but the reference (gsplat's sort) lists splats per tile "
                         "(RenderConfig.tile_binning; the image does not depend on it)")
     p.add_argument("--iters", type=int, default=2, help="timed runs per mode and batch size (the reference: 1)")

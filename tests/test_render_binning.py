@@ -15,12 +15,13 @@ from gen3diffusion.render import _gsplat
 from gen3diffusion.render._binning import dense_binning_applies
 
 # image batch dims, Gaussians, width, height, tile: several images, a partial last tile, a single tile, odd counts
-CASES = [((2, 3), 300, 100, 70, 16), ((1,), 700, 64, 64, 32), ((3,), 50, 40, 24, 8), ((1,), 1, 5, 5, 16)]
+CASES = [((2, 3), 300, 100, 70, 16), ((1,), 700, 64, 64, 32), ((3,), 50, 40, 24, 8), ((1,), 1, 5, 5, 16),
+         ((2,), 0, 16, 16, 16)]
 
 
 def test_dense_binning_in_triton_interpreter():
     """Offsets and flatten ids equal a brute-force construction of gsplat's lists: splats culled by one radius or
-    both, off-image centres, depth ties and chunk boundaries (700 > the 512 splats a program tests)."""
+    both, off-image centres, depth ties and chunk boundaries (700 > the 512 splats a program tests) and no splats at all."""
     pytest.importorskip("triton")
     script = textwrap.dedent(f"""
         import math, torch
@@ -68,17 +69,13 @@ def test_dense_binning_in_triton_interpreter():
 
 
 def test_binning_choice():
-    """"auto" bins densely up to the test budget and with power-of-two tiles, "sort" never, "dense" always (or says
-    why it cannot); unknown names are refused."""
+    """"sort" is gsplat's binning, "dense" the one here, which says why it cannot run (a tile whose divisions are not
+    exact); unknown names are refused."""
     if not dense_binning_applies(32):
         pytest.skip("needs Triton")
-    limit = _gsplat.DENSE_BINNING_MAX_TESTS
-    assert _gsplat._use_dense_binning("auto", 32, limit)
-    assert not _gsplat._use_dense_binning("auto", 32, limit + 1)
-    assert not _gsplat._use_dense_binning("auto", 24, 1)  # 24: gsplat's divisions are not exact, keep its sort
-    assert _gsplat._use_dense_binning("dense", 16, 10 * limit)
-    assert not _gsplat._use_dense_binning("sort", 32, 1)
+    assert _gsplat._use_dense_binning("dense", 16) and not _gsplat._use_dense_binning("sort", 24)
+    assert not dense_binning_applies(24) and not dense_binning_applies(0)
     with pytest.raises(ValueError, match="power-of-two"):
-        _gsplat._use_dense_binning("dense", 24, 1)
+        _gsplat._use_dense_binning("dense", 24)
     with pytest.raises(ValueError, match="tile_binning"):
-        _gsplat._use_dense_binning("radix", 32, 1)
+        _gsplat._use_dense_binning("auto", 32)

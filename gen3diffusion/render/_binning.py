@@ -4,7 +4,7 @@ gsplat's ``rasterize_to_pixels`` composites, for every tile of every image, the 
 ``flatten_ids[offsets[tile]:offsets[tile + 1]]`` in that order. gsplat builds those lists by writing one 64-bit key
 (image | tile | depth bits) per tile a Gaussian's bounding box touches, then radix-sorting all of them. The render of
 the sampler (65,536 Gaussians into 4 views at 512) makes 12 million such keys with the random model's large splats;
-writing and sorting them took 1.9 of the render's 3.4 ms on an H100 (docs/benchmarks.md, Renderer).
+writing and sorting them took 2.0 of the render's 3.4 ms on an H100 (docs/benchmarks.md).
 
 :func:`dense_tile_bins` builds the same lists another way. Each image's Gaussians are sorted by depth once (N keys,
 not N x tiles), and then, for each (image, tile, chunk of depth-sorted Gaussians), two Triton passes test every
@@ -17,6 +17,9 @@ The lists are exactly gsplat's: the tile ranges are computed with gsplat's float
 tiles, whose divisions are exact), depths are ordered as gsplat's sort orders their bits (the same for the positive
 depths of visible Gaussians), and ties keep the Gaussians' order, as gsplat's stable sort does. So the rendered images
 are bit-identical (GPU test), and gradients flow through ``rasterize_to_pixels`` as before.
+
+It is opt-in (``RenderConfig.tile_binning = "dense"``): it paid with large splats (that render 1.2 ms faster) and
+cost 0.3 ms with trained-size ones, whose 1.2 million keys gsplat sorts quickly, on an H100.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ __all__ = ["dense_tile_bins", "dense_binning_applies"]
 
 _BOUNDS_BLOCK = 1024  # Gaussians per program of the tile-range kernel
 _TILES_PER_PROGRAM, _GAUSSIANS_PER_PROGRAM = 16, 512  # the (tile x Gaussian) block each counting program tests
+_BIN_WARPS = 4  # warps per counting program
 
 
 def dense_binning_applies(tile_size: int) -> bool:
@@ -62,9 +66,13 @@ def dense_tile_bins(
         raise ValueError(f"means2d {list(means2d.shape)} and radii {list(radii.shape)} must be [..., N, 2] and depths "
                          f"{list(depths.shape)} [..., N]")
     I, n_tiles = int(torch.Size(image_dims).numel()), tile_width * tile_height
-    if I * N >= 2**31 or tile_width >= 2**15 or tile_height >= 2**15:
-        raise ValueError(f"{I} images of {N} Gaussians or {tile_width} x {tile_height} tiles exceed int32 indexing")
+    n_chunks = triton.cdiv(N, _GAUSSIANS_PER_PROGRAM)
+    if I * max(N, n_tiles * n_chunks) >= 2**31 or tile_width >= 2**15 or tile_height >= 2**15:
+        raise ValueError(f"{I} images of {tile_width} x {tile_height} tiles and {N} Gaussians exceed int32 indexing")
     device = means2d.device
+    if I * N == 0:  # nothing to list: every tile's list is empty
+        return (torch.zeros(*image_dims, tile_height, tile_width, dtype=torch.int32, device=device),
+                torch.empty(0, dtype=torch.int32, device=device))
     order = torch.sort(depths.reshape(I, N), dim=-1, stable=True).indices  # [I, N] front to back, ties in index order
     ranges_x = torch.empty(I, N, dtype=torch.int32, device=device)  # packed x0 | x1 << 16, in depth order
     ranges_y = torch.empty_like(ranges_x)  # y0 | y1 << 16
@@ -74,21 +82,20 @@ def dense_tile_bins(
         tile_width, tile_height, BLOCK=_BOUNDS_BLOCK,
     )
 
-    n_chunks = triton.cdiv(N, _GAUSSIANS_PER_PROGRAM)
     grid = (I, triton.cdiv(n_tiles, _TILES_PER_PROGRAM), n_chunks)
     counts = torch.empty(I * n_tiles * n_chunks, dtype=torch.int32, device=device)  # hits per (image, tile, chunk)
     _bin_kernel[grid](ranges_x, ranges_y, ids, counts, counts, N, n_tiles, tile_width, n_chunks, WRITE=False,
-                      TILES=_TILES_PER_PROGRAM, GAUSSIANS=_GAUSSIANS_PER_PROGRAM)
+                      TILES=_TILES_PER_PROGRAM, GAUSSIANS=_GAUSSIANS_PER_PROGRAM, num_warps=_BIN_WARPS)
     ends = torch.cumsum(counts, 0)  # int64
     starts = ends - counts  # where each (image, tile, chunk)'s hits go
+    offsets = starts.view(I, n_tiles, n_chunks)[:, :, 0].to(torch.int32)  # each tile's first chunk
     n_isects = int(ends[-1]) if ends.numel() else 0  # the one wait for the GPU
     if n_isects >= 2**31:
         raise ValueError(f"{n_isects} tile intersections exceed gsplat's int32 indices")
     flatten_ids = torch.empty(n_isects, dtype=torch.int32, device=device)
     if n_isects:
         _bin_kernel[grid](ranges_x, ranges_y, ids, starts, flatten_ids, N, n_tiles, tile_width, n_chunks, WRITE=True,
-                          TILES=_TILES_PER_PROGRAM, GAUSSIANS=_GAUSSIANS_PER_PROGRAM)
-    offsets = starts.view(I, n_tiles, n_chunks)[:, :, 0].to(torch.int32)
+                          TILES=_TILES_PER_PROGRAM, GAUSSIANS=_GAUSSIANS_PER_PROGRAM, num_warps=_BIN_WARPS)
     return offsets.reshape(*image_dims, tile_height, tile_width), flatten_ids
 
 

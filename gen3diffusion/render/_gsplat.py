@@ -26,9 +26,7 @@ logger = logging.getLogger(__name__)
 GSPLAT_CONSTANTS = {"alpha_max": 0.999, "alpha_min": 1.0 / 255.0, "sigma_cutoff": 3.33}
 _warned: set[tuple[float, float, float]] = set()
 # RenderConfig.tile_binning: how splats are listed per tile (see render/_binning.py)
-BINNINGS = ("auto", "dense", "sort")
-# "auto" bins densely while its (image, tile, Gaussian) tests stay at most this many
-DENSE_BINNING_MAX_TESTS = 1 << 28
+BINNINGS = ("sort", "dense")
 
 
 def render_features(
@@ -48,7 +46,7 @@ def render_features(
     alpha_max: float,
     alpha_min: float,
     tile_size: int,
-    binning: str = "auto",
+    binning: str = "sort",
 ) -> tuple[Tensor, Tensor]:
     """Composite per-camera features with gsplat; returns (sum_i w_i f_i [B, V, H, W, D], alpha [B, V, H, W, 1])."""
     if not means.is_cuda:
@@ -63,7 +61,7 @@ def render_features(
         packed=False, opacities=opacities.float().contiguous(),
     )  # [B, V, N, 2], [B, V, N, 2], [B, V, N], [B, V, N, 3]
     tiles_x, tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
-    if _use_dense_binning(binning, tile_size, B * V * tiles_x * tiles_y * N):
+    if _use_dense_binning(binning, tile_size):
         offsets, flatten_ids = dense_tile_bins(means2d, radii, depths, tile_size, tiles_x, tiles_y)
     else:
         _, isect_ids, flatten_ids = gsplat.isect_tiles(means2d, radii, depths, tile_size, tiles_x, tiles_y)
@@ -75,18 +73,13 @@ def render_features(
     return feats, alphas  # [B, V, H, W, D], [B, V, H, W, 1]
 
 
-def _use_dense_binning(binning: str, tile_size: int, tests: int) -> bool:
-    """Whether to bin with :func:`dense_tile_bins` (``binning``: "dense", "sort" or "auto"; ``tests``: the dense
-    binning's (image, tile, Gaussian) tests)."""
+def _use_dense_binning(binning: str, tile_size: int) -> bool:
+    """Whether ``binning`` ("sort" or "dense") asks for :func:`dense_tile_bins`, which must then apply."""
     if binning not in BINNINGS:
         raise ValueError(f"render.tile_binning must be one of {', '.join(BINNINGS)}, got {binning!r}")
-    if binning == "sort":
-        return False
-    if not dense_binning_applies(tile_size):
-        if binning == "dense":
-            raise ValueError(f"render.tile_binning='dense' needs Triton and a power-of-two tile_size, got {tile_size}")
-        return False
-    return binning == "dense" or tests <= DENSE_BINNING_MAX_TESTS
+    if binning == "dense" and not dense_binning_applies(tile_size):
+        raise ValueError(f"render.tile_binning='dense' needs Triton and a power-of-two tile_size, got {tile_size}")
+    return binning == "dense"
 
 
 def _import_gsplat():
