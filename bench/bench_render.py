@@ -113,13 +113,13 @@ def main() -> None:
         memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS peak"
         name = f"CPU, {torch.get_num_threads()} threads"
     tiles = args.tile_size if backend == "gsplat" else TORCH_TILE
-    print("| device | backend | tile | binning | Gaussians | scales | views | size | forward (ms) | forward+backward (ms) "
-          "| memory |")
+    print("| device | backend | tile | binning | Gaussians | scales | views | size | forward (ms) "
+          "| forward+backward (ms) | memory |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     scales = f"{args.scales[0]:g}-{args.scales[1]:g}"
     binning = args.tile_binning if backend == "gsplat" else "-"
-    print(f"| {name} | {backend} | {tiles} | {binning} | {args.num_gaussians:,} | {scales} | {args.views} | {size}x{size} "
-          f"| {fwd:.1f} | {fwd_bwd:.1f} | {memory} |")
+    print(f"| {name} | {backend} | {tiles} | {binning} | {args.num_gaussians:,} | {scales} | {args.views} "
+          f"| {size}x{size} | {fwd:.1f} | {fwd_bwd:.1f} | {memory} |")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ CASES = [((2, 3), 300, 100, 70, 16), ((1,), 700, 64, 64, 32), ((3,), 50, 40, 24,
 
 def test_dense_binning_in_triton_interpreter():
     """Offsets and flatten ids equal a brute-force construction of gsplat's lists: splats culled by one radius or
-    both, off-image centres, depth ties and chunk boundaries (700 > the 512 splats a program tests) and no splats at all."""
+    both, off-image centres, depth ties, chunk boundaries (700 > the 512 splats a program tests) and no splats."""
     pytest.importorskip("triton")
     script = textwrap.dedent(f"""
         import math, torch
